@@ -1,0 +1,49 @@
+# qatlab: the two commands a newcomer needs are `make run` and `make test`.
+# Both build .venv first (once; again only when a dependency file changes).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.qatlab-setup
+OFFLINE := scripts/offline
+
+.PHONY: setup run test test-fast lint lab student clean
+
+## setup: build .venv from the pinned dependencies in pyproject.toml (idempotent)
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"qatlab needs Python 3.11, found {sys.version.split()[0]} at {sys.executable}: set PYTHON=/path/to/python3.11"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+	@echo "setup: .venv is ready"
+
+## run: execute every notebook (papermill) -> build/executed, build/html, build/results.json
+run: setup
+	$(OFFLINE) $(PY) -m qatlab.runner
+
+## test: every test: unit tests, doctests, nbval over every notebook, a papermill run of
+## every notebook with a second parameter set, student copies, the browser test, ruff.
+test: setup
+	$(PY) -m ruff check qatlab tests notebooks
+	QATLAB_BUILD=$(CURDIR)/build/test $(OFFLINE) $(PY) -m pytest --nbval-lax tests qatlab notebooks
+
+## test-fast: unit tests and doctests only (no notebooks, no browser)
+test-fast: setup
+	$(PY) -m pytest tests qatlab -m "not notebook and not browser"
+
+lint: setup
+	$(PY) -m ruff check qatlab tests notebooks
+
+## lab: JupyterLab on the notebooks
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+## student: student copies (solutions removed) -> build/student/
+student: setup
+	$(PY) -m qatlab.student
+
+clean:
+	rm -rf build

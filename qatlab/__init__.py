@@ -1,0 +1,70 @@
+"""qatlab: a small, hand-written helper library behind the QAT teaching notebooks.
+
+``import qatlab`` does nothing visible and imports nothing heavy: every public
+name below is loaded on first use (PEP 562), so ``import qatlab`` stays fast
+and has no side effects (no seeding, no threads set, no files written).
+
+Where each name is taught:
+
+- 00_start_here: ``load_dataset``, ``SmallCNN``, ``train``, ``evaluate``,
+  ``set_seed``, ``load_baseline``, ``record``, ``cmp``
+- 01_fake_quant_math: ``choose_qparams``, ``quantize``, ``dequantize``, ``fake_quantize``
+- 02_observers: ``qatlab.observers``
+- 03_fusion: ``fold_bn``
+- 04_qat_training: ``qatlab.qat``
+- 05_deployment: ``qatlab.deploy``
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    # results and comparisons
+    "begin_notebook": "results",
+    "record": "results",
+    "cmp": "results",
+    # data, model, training
+    "load_dataset": "data",
+    "SmallCNN": "models",
+    "train": "training",
+    "evaluate": "training",
+    "predict": "training",
+    "set_seed": "training",
+    "get_device": "training",
+    "load_baseline": "baseline",
+    "load_baseline_and_data": "baseline",
+    "train_baseline": "baseline",
+    "save_checkpoint": "baseline",
+    # paths
+    "build_dir": "files",
+    "data_dir": "files",
+    # quantization primitives (notebook 01)
+    "choose_qparams": "quant",
+    "quantize": "quant",
+    "dequantize": "quant",
+    "fake_quantize": "quant",
+    # fusion (notebook 03)
+    "fold_bn": "fusion",
+}
+
+# submodules reachable as qatlab.<name> without importing them first
+_SUBMODULES = {"baseline", "data", "deploy", "exercises", "files", "fusion", "models",
+               "observers", "qat", "quant", "results", "student", "training"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # cache: later lookups skip __getattr__
+        return value
+    raise AttributeError(f"module 'qatlab' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

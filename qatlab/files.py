@@ -1,0 +1,59 @@
+"""Where qatlab reads and writes, and how it writes without leaving half a file.
+
+``build_dir()`` holds everything a run produces (checkpoints, results, executed
+notebooks); ``data_dir()`` holds dataset caches. Both can be moved with the
+environment variables ``QATLAB_BUILD`` and ``QATLAB_DATA`` (the tests use this to
+run in a scratch folder).
+"""
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def repo_root():
+    """The checkout that holds qatlab, or the current folder for a plain install."""
+    here = Path(__file__).resolve().parents[1]
+    return here if (here / "pyproject.toml").exists() else Path.cwd()
+
+
+def build_dir():
+    """``$QATLAB_BUILD`` or ``<repo>/build``, created on demand."""
+    path = Path(os.environ.get("QATLAB_BUILD") or repo_root() / "build")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def data_dir():
+    """``$QATLAB_DATA`` or ``<repo>/data``, created on demand."""
+    path = Path(os.environ.get("QATLAB_DATA") or repo_root() / "data")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; move it into place only on success.
+
+    A crash or an exception while writing leaves the old file (or nothing)
+    behind, never half a file:
+
+    >>> import tempfile, pathlib
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "x.txt"
+    >>> with atomic_path(target) as tmp:
+    ...     _ = tmp.write_text("done")
+    >>> target.read_text()
+    'done'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; give the file normal permissions
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,98 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.ao.nn.intrinsic import ConvBnReLU2d, ConvReLU2d
+
+import qatlab
+
+
+def test_import_qatlab_has_no_side_effects_and_is_light():
+    code = ("import sys, random; s = random.getstate(); import qatlab; "
+            "assert random.getstate() == s; "
+            "assert 'torch' not in sys.modules, 'import qatlab imported torch'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_small_cnn_shapes_and_example_inputs():
+    m = qatlab.SmallCNN()
+    (x,) = m.example_inputs(batch_size=3)
+    assert m(x).shape == (3, 10)
+    d = qatlab.SmallCNN(in_channels=1, input_size=8)
+    assert d(*d.example_inputs()).shape == (1, 10)
+    with pytest.raises(ValueError, match="widths"):
+        qatlab.SmallCNN(widths=(16, 32))
+
+
+def test_fuse_model_eval_is_exact_up_to_roundoff():
+    qatlab.set_seed(0)
+    m = qatlab.SmallCNN()
+    m.train()
+    m(torch.randn(16, 1, 28, 28))  # non-trivial running stats
+    m.eval()
+    x = torch.randn(4, 1, 28, 28)
+    ref = m(x)
+    m.fuse_model(is_qat=False)
+    assert isinstance(m.features[0][0], ConvReLU2d)
+    torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fuse_model_qat_keeps_bn_and_checks_mode():
+    m = qatlab.SmallCNN().train()
+    m.fuse_model(is_qat=True)
+    assert isinstance(m.features[0][0], ConvBnReLU2d)
+    with pytest.raises(ValueError, match="eval mode"):
+        qatlab.SmallCNN().train().fuse_model(is_qat=False)
+    with pytest.raises(ValueError, match="train mode"):
+        qatlab.SmallCNN().eval().fuse_model(is_qat=True)
+    with pytest.raises(TypeError, match="'yes'"):
+        qatlab.SmallCNN().fuse_model(is_qat="yes")
+
+
+def test_train_learns_digits_and_returns_history():
+    qatlab.set_seed(0)
+    d = qatlab.load_dataset("digits")
+    tr, te = d.loaders(batch_size=32, seed=0)
+    m = qatlab.SmallCNN(input_size=8)
+    h = qatlab.train(m, tr, epochs=2, lr=1e-2, schedule="onecycle", test_loader=te)
+    assert h["epoch"] == [1, 2] and len(h["test_acc"]) == 2
+    assert len(h["step_loss"]) == 2 * len(tr)
+    assert h["test_acc"][-1] > 80  # 10 classes: chance is 10 %
+    assert qatlab.evaluate(m, te) == pytest.approx(h["test_acc"][-1])
+
+
+def test_train_rejects_bad_arguments():
+    m = qatlab.SmallCNN()
+    loader = [(torch.randn(2, 1, 28, 28), torch.tensor([0, 1]))]
+    with pytest.raises(ValueError, match="-1"):
+        qatlab.train(m, loader, epochs=-1)
+    with pytest.raises(ValueError, match="0"):
+        qatlab.train(m, loader, lr=0)
+    with pytest.raises(ValueError, match="'cosine'"):
+        qatlab.train(m, loader, schedule="cosine")
+    with pytest.raises(TypeError, match="int"):
+        qatlab.train(m, 5)
+
+
+def test_set_seed_reproduces_and_validates():
+    qatlab.set_seed(5)
+    a = torch.randn(3)
+    qatlab.set_seed(5)
+    assert torch.equal(a, torch.randn(3))
+    with pytest.raises(ValueError, match="-1"):
+        qatlab.set_seed(-1)
+
+
+def test_checkpoint_roundtrip_weights_only(tmp_path):
+    m = qatlab.SmallCNN().eval()
+    path = tmp_path / "ck.pt"
+    qatlab.save_checkpoint(m, path, test_acc=12.5)
+    loaded = qatlab.load_baseline(path)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(loaded(x), m(x))
+    assert loaded.baseline_meta == {"test_acc": 12.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temp files left
+    with pytest.raises(FileNotFoundError, match="notebook 00"):
+        qatlab.load_baseline(tmp_path / "missing.pt", train_if_missing=False)
