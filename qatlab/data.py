@@ -201,7 +201,7 @@ def _load_online(name):
     except Exception as e:
         raise DatasetUnavailableError(
             f"dataset {name!r} is not in {root} and could not be downloaded "
-            f"({type(e).__name__}: {e}). It needs the network once. Either run "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}). It needs the network once. Either run "
             f"`python -c \"import qatlab; qatlab.load_dataset('{name}')\"` on a machine that "
             f"is online and copy {root} here, or use an offline dataset: {', '.join(OFFLINE)}."
         ) from None
