@@ -1,0 +1,151 @@
+"""Student copies of the notebooks: every solution block replaced by a stub, as nbgrader does.
+
+Used by teachers (README "For teachers"): ``make student`` or
+``python -m qatlab.student [--out build/student] [notebooks...]`` writes
+``build/student/<notebook>.ipynb`` for every ``notebooks/*.ipynb``.
+
+In each code cell, every block from a ``### BEGIN SOLUTION`` line to its
+``### END SOLUTION`` line becomes two lines at the indentation of the BEGIN line::
+
+    # YOUR CODE HERE
+    raise NotImplementedError()
+
+Outputs and execution counts are cleared; nothing else changes (metadata, the
+nbgrader markup and every other line stay as they are), so the instructor
+notebooks also work directly with ``nbgrader generate_assignment``.
+"""
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+from .files import atomic_path, build_dir, repo_root
+
+BEGIN = "### BEGIN SOLUTION"
+END = "### END SOLUTION"
+STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")
+
+
+class SolutionMarkupError(ValueError):
+    """A malformed solution block; the message names the notebook and the cell."""
+
+
+def strip_solutions(source, where="cell"):
+    """Return ``(student_source, n_blocks)``: each solution block replaced by the stub.
+
+    ``where`` names the cell in error messages. The stub keeps the BEGIN line's
+    indentation, so the code around it stays valid:
+
+    >>> src = "def f(x):\\n    ### BEGIN SOLUTION\\n    return 2 * x\\n    ### END SOLUTION\\n"
+    >>> out, n = strip_solutions(src)
+    >>> print(out)
+    def f(x):
+        # YOUR CODE HERE
+        raise NotImplementedError()
+    <BLANKLINE>
+    >>> n
+    1
+    """
+    if not isinstance(source, str):
+        raise TypeError(f"{where}: source must be a str, got {type(source).__name__}")
+    out, begin_line, n_blocks = [], None, 0
+    lines = source.split("\n")
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if text.startswith(BEGIN):
+            if begin_line is not None:
+                raise SolutionMarkupError(
+                    f"{where}: line {number} opens a solution block inside the one opened at "
+                    f"line {begin_line} (nested {BEGIN!r}; close the first with {END!r})")
+            begin_line = number
+            indent = line[: len(line) - len(line.lstrip())]
+            out.extend(indent + stub for stub in STUB)
+        elif text.startswith(END):
+            if begin_line is None:
+                raise SolutionMarkupError(
+                    f"{where}: line {number} has {END!r} without a {BEGIN!r} before it")
+            begin_line = None
+            n_blocks += 1
+        elif begin_line is None:
+            out.append(line)
+    if begin_line is not None:
+        raise SolutionMarkupError(
+            f"{where}: the solution block opened at line {begin_line} has no {END!r}")
+    return "\n".join(out), n_blocks
+
+
+def _is_solution_cell(cell):
+    return bool(cell.get("metadata", {}).get("nbgrader", {}).get("solution"))
+
+
+def make_student_notebook(nb, name="notebook"):
+    """Return a student copy of the nbformat notebook ``nb`` (``nb`` is not modified).
+
+    Solution blocks in code cells become stubs, code outputs and execution
+    counts are cleared. A cell marked ``nbgrader.solution = true`` must hold at
+    least one solution block: otherwise the whole answer would be handed out.
+    """
+    student = copy.deepcopy(nb)
+    for index, cell in enumerate(student.cells):
+        if cell.cell_type != "code":
+            continue
+        grade_id = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
+        where = f"{name}: cell {index}" + (f" ({grade_id})" if grade_id else "")
+        cell.source, n_blocks = strip_solutions(cell.source, where)
+        if _is_solution_cell(cell) and n_blocks == 0:
+            raise SolutionMarkupError(
+                f"{where} is marked nbgrader solution=true but has no {BEGIN!r} … {END!r} block")
+        cell.outputs = []
+        cell.execution_count = None
+    return student
+
+
+def write_student_notebooks(notebooks=None, out=None):
+    """Write a student copy of each notebook into ``out``; return the written paths.
+
+    ``notebooks`` defaults to every ``notebooks/*.ipynb`` of the checkout and
+    ``out`` to ``build/student``. Every file is written atomically, and all
+    notebooks are transformed before the first one is written, so a malformed
+    block anywhere leaves ``out`` untouched.
+    """
+    import nbformat
+
+    if notebooks is None:
+        notebooks = sorted((repo_root() / "notebooks").glob("*.ipynb"))
+        if not notebooks:
+            raise FileNotFoundError(f"no notebooks found in {repo_root() / 'notebooks'}")
+    out = Path(out) if out is not None else build_dir() / "student"
+    copies = []
+    for path in map(Path, notebooks):
+        if path.suffix != ".ipynb" or not path.is_file():
+            raise ValueError(f"not a notebook file: {str(path)!r}")
+        nb = nbformat.read(path, as_version=4)
+        copies.append((out / path.name, make_student_notebook(nb, path.name)))
+    for target, nb in copies:
+        with atomic_path(target) as tmp:
+            nbformat.write(nb, tmp)
+    return [target for target, _ in copies]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m qatlab.student",
+        description="Write student copies of the notebooks (solution blocks replaced by stubs).")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: build/student)")
+    parser.add_argument("notebooks", nargs="*", type=Path,
+                        help="notebooks to convert (default: notebooks/*.ipynb)")
+    args = parser.parse_args(argv)
+    try:
+        written = write_student_notebooks(args.notebooks or None, args.out)
+    except (SolutionMarkupError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
