@@ -51,7 +51,7 @@ _EXPORTS = {
 
 # submodules reachable as qatlab.<name> without importing them first
 _SUBMODULES = {"baseline", "data", "deploy", "exercises", "files", "fusion", "models",
-               "observers", "qat", "quant", "results", "student", "training"}
+               "observers", "qat", "quant", "results", "runner", "site", "student", "training"}
 
 __all__ = sorted(_EXPORTS)
 

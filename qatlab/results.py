@@ -71,7 +71,7 @@ def cmp(name, ours, ref, rtol=1e-5, atol=1e-8):
     """
     import torch
 
-    ours, ref = torch.as_tensor(ours), torch.as_tensor(ref)
+    ours, ref = torch.as_tensor(ours).detach(), torch.as_tensor(ref).detach()
     if ours.shape != ref.shape:
         raise ValueError(f"{name}: shapes differ, ours {tuple(ours.shape)} vs ref {tuple(ref.shape)}")
     exact = bool(torch.equal(ours, ref))
