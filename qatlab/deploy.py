@@ -1,0 +1,421 @@
+"""Deploy an int8 model to real runtimes, time it honestly, and check parity.
+
+Taught in 05_deployment. The three runtimes side by side:
+
+- eager PyTorch (fp32, and the legacy ``torch.ao.quantization`` int8 kernels);
+- ExecuTorch with the XNNPACK delegate (:func:`export_executorch`, :func:`run_executorch`);
+- ONNX Runtime (:func:`export_onnx`, :func:`run_onnx`).
+
+Latency is measured with :func:`benchmark` (warm-up, then median and IQR of
+repeated runs at a fixed thread count), and each runtime's logits are
+compared with PyTorch's with :func:`parity`. ``executorch`` and
+``onnxruntime`` are imported inside the functions that use them.
+"""
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .files import atomic_path
+
+# CPU features that decide which int8 kernels run fast on x86 (and NEON/dotprod on ARM)
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8",
+             "asimd", "asimddp")
+
+
+def file_size(path):
+    """Size of the file at ``path`` in bytes (taught in 05_deployment).
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "w.bin"
+    >>> _ = p.write_bytes(bytes(1000))
+    >>> file_size(p)
+    1000
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {str(path)!r}")
+    return path.stat().st_size
+
+
+def save_state_dict(model, path):
+    """Save ``model.state_dict()`` atomically and return its size in bytes (05_deployment).
+
+    This is the on-disk size of the weights the way a checkpoint stores them:
+    fp32 parameters take 4 bytes each, eager int8 weights 1 byte plus their
+    scales and zero-points.
+    """
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
+    return file_size(path)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """What :func:`benchmark` measured: milliseconds per call, and how."""
+
+    median_ms: float
+    iqr_ms: float
+    q1_ms: float
+    q3_ms: float
+    repeats: int
+    warmup: int
+    threads: int
+    times_ms: tuple
+
+    def __str__(self):
+        return (f"{self.median_ms:.3f} ms (IQR {self.iqr_ms:.3f} ms, {self.repeats} runs, "
+                f"{self.threads} threads)")
+
+
+def benchmark(fn, *args, warmup=3, repeats=20, threads=2):
+    """Time ``fn(*args)``: ``warmup`` untimed calls, then the median and IQR of ``repeats``.
+
+    Taught in 05_deployment. ``torch.set_num_threads(threads)`` holds during
+    the measurement (and is restored after), and the thread count is recorded
+    in the result; runtimes with their own thread pools (ExecuTorch, ONNX
+    Runtime) are set when they are loaded (:func:`load_executorch`,
+    :func:`load_onnx`). The median and the interquartile range (q3 − q1) are
+    robust to the odd slow run caused by another process on a shared machine.
+
+    >>> t = benchmark(sum, [1, 2, 3], warmup=1, repeats=5, threads=1)
+    >>> t.repeats, t.threads, t.median_ms >= 0, t.iqr_ms >= 0
+    (5, 1, True, True)
+    """
+    import torch
+
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    for name, value, low in (("warmup", warmup, 0), ("repeats", repeats, 2), ("threads", threads, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                fn(*args)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn(*args)
+                times.append(1e3 * (time.perf_counter() - start))
+        measured_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old_threads)
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return Timing(median_ms=statistics.median(times), iqr_ms=q3 - q1, q1_ms=q1, q3_ms=q3,
+                  repeats=repeats, warmup=warmup, threads=measured_threads, times_ms=tuple(times))
+
+
+def parity(a_logits, b_logits):
+    """Top-1 agreement (%) and max |a − b| between two runtimes' logits (05_deployment).
+
+    Agreement is the share of rows whose argmax is the same; it is what a
+    user of the classifier sees. ``max_abs_diff`` shows how far the numbers
+    drifted (int8 kernels round differently, so it is rarely 0).
+
+    >>> import torch
+    >>> a = torch.tensor([[1.0, 2.0], [3.0, 0.0]]); b = torch.tensor([[1.0, 2.5], [0.0, 3.0]])
+    >>> parity(a, b)
+    {'top1_agreement': 50.0, 'max_abs_diff': 3.0}
+    """
+    import torch
+
+    a, b = torch.as_tensor(a_logits).float(), torch.as_tensor(b_logits).float()
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"logits must be two (N, classes) tensors of one shape, "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+    agree = 100.0 * (a.argmax(1) == b.argmax(1)).float().mean().item()
+    return {"top1_agreement": agree, "max_abs_diff": (a - b).abs().max().item()}
+
+
+def cpu_flags(names=CPU_FLAGS):
+    """``{flag: present}`` for the CPU features that decide int8 speed (05_deployment).
+
+    Read from ``/proc/cpuinfo`` (Linux); elsewhere every flag reads ``False``.
+    ``torch.backends.cpu.get_cpu_capability()`` gives torch's own summary.
+    AVX-512 VNNI / AVX-VNNI (x86) and dot-product (ARM ``asimddp``) are the
+    instructions that multiply-accumulate int8 in one step.
+    """
+    present = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                present.update(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {name: name in present for name in names}
+
+
+# ---------------------------------------------------------------- ExecuTorch
+
+
+def _require(module, what):
+    from importlib import import_module
+
+    try:
+        return import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{what} needs the {module.split('.')[0]!r} package, which is not "
+                          f"installed here: pip install {module.split('.')[0]} ({e})") from e
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    """What :func:`export_executorch` wrote: the file, its size, and what XNNPACK took."""
+
+    path: Path
+    bytes: int
+    delegated_nodes: int
+    non_delegated_nodes: int
+    summary: str
+
+
+def export_executorch(model, example_inputs, path, delegate="xnnpack"):
+    """Lower ``model`` to an ExecuTorch program and write it atomically to ``path`` (.pte).
+
+    Taught in 05_deployment. ``torch.export`` → ``to_edge_transform_and_lower``
+    with the ``XnnpackPartitioner`` (``delegate="xnnpack"``, or ``None`` for
+    ExecuTorch's portable kernels) → ``to_executorch`` → bytes. The program
+    has the static input shapes of ``example_inputs``: export one file per
+    batch size. ``model`` may be a float module or a ``convert_pt2e`` model;
+    an ``ExportedProgram`` is lowered as it is. Returns an
+    :class:`ExportSummary` with the delegation counts.
+    """
+    import torch
+
+    _require("executorch.exir", "export_executorch")
+    from executorch.devtools.backend_debug import get_delegation_info
+    from executorch.exir import to_edge_transform_and_lower
+
+    if delegate not in ("xnnpack", None):
+        raise ValueError(f"delegate must be 'xnnpack' or None, got {delegate!r}")
+    if not isinstance(example_inputs, tuple):
+        raise TypeError(f"example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}")
+    if isinstance(model, torch.export.ExportedProgram):
+        program = model
+    else:
+        program = torch.export.export(model, example_inputs)
+    partitioner = []
+    if delegate == "xnnpack":
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        partitioner = [XnnpackPartitioner()]
+    edge = to_edge_transform_and_lower(program, partitioner=partitioner)
+    info = get_delegation_info(edge.exported_program().graph_module)
+    buffer = edge.to_executorch().buffer
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer)
+    return ExportSummary(path=path, bytes=file_size(path), delegated_nodes=info.num_delegated_nodes,
+                         non_delegated_nodes=info.num_non_delegated_nodes,
+                         summary=info.get_summary().strip())
+
+
+def load_executorch(path, threads=2):
+    """Load a .pte file and return a callable ``run(x) -> logits`` (05_deployment).
+
+    ``threads`` sets the size of ExecuTorch's CPU thread pool (the one
+    XNNPACK uses). A file that is not an ExecuTorch program raises
+    ``ValueError`` naming it. The callable exposes the program's input shape
+    as ``run.input_shape``.
+    """
+    _require("executorch.runtime", "load_executorch")
+    import executorch.extension.pybindings.portable_lib as portable
+    from executorch.runtime import Runtime
+
+    path = Path(path)
+    file_size(path)  # FileNotFoundError for a missing file
+    if path.read_bytes()[4:8] != b"ET12":
+        raise ValueError(f"{str(path)!r} is not an ExecuTorch program (.pte): its header "
+                         f"does not carry the 'ET12' file identifier")
+    portable._unsafe_reset_threadpool(int(threads))
+    try:
+        program = Runtime.get().load_program(path)
+        method = program.load_method("forward")
+    except RuntimeError as e:
+        raise ValueError(f"{str(path)!r} is not a valid ExecuTorch program: {e}") from e
+    meta = program.metadata("forward")
+    shape = tuple(meta.input_tensor_meta(0).sizes())
+
+    def run(x):
+        return method.execute((x.contiguous(),))[0]
+
+    run.input_shape, run.program = shape, program
+    return run
+
+
+def _run_batches(run, batches, batch_size):
+    import torch
+
+    outputs = []
+    for batch in batches:
+        x = batch[0] if isinstance(batch, tuple | list) else batch
+        if batch_size is not None and x.shape[0] != batch_size:
+            if x.shape[0] % batch_size:
+                raise ValueError(f"a batch of {x.shape[0]} rows does not split into the "
+                                 f"program's fixed batch size {batch_size}")
+            outputs.extend(run(part) for part in x.split(batch_size))
+        else:
+            outputs.append(run(x))
+    return torch.cat([torch.as_tensor(o).float() for o in outputs])
+
+
+def run_executorch(path, batches, threads=2):
+    """Run a .pte program over ``batches`` and return the concatenated logits (05_deployment).
+
+    ``batches`` is an iterable of tensors or of ``(x, y)`` pairs (a
+    DataLoader). A program exported for batch size ``b`` runs each batch in
+    chunks of ``b`` rows.
+    """
+    run = load_executorch(path, threads=threads)
+    return _run_batches(run, batches, run.input_shape[0])
+
+
+# ---------------------------------------------------------------- ONNX Runtime
+
+
+def export_onnx(model, example_inputs, path, dynamic_batch=True):
+    """Export ``model`` to ONNX with ``torch.onnx.export(..., dynamo=True)`` (05_deployment).
+
+    A ``convert_pt2e`` model becomes a QDQ graph (QuantizeLinear /
+    DequantizeLinear around float ops), which ONNX Runtime fuses into int8
+    kernels where it can. With ``dynamic_batch=True`` the first input
+    dimension is left free, so one file serves batch 1 and batch 32 (the
+    example needs at least 2 rows for that). The weights are stored inside
+    the one file (``external_data=False``), so its size is the model's
+    size. Written atomically; returns the size in bytes.
+    """
+    import torch
+
+    _require("onnxscript", "export_onnx")
+    if not isinstance(example_inputs, tuple):
+        raise TypeError(f"example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}")
+    dynamic_shapes = None
+    if dynamic_batch:
+        if example_inputs[0].shape[0] < 2:
+            raise ValueError("dynamic_batch=True needs an example batch of at least 2 rows, "
+                             f"got {tuple(example_inputs[0].shape)}")
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        dynamic_shapes = ({0: batch},) + tuple(None for _ in example_inputs[1:])
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        onnx_path = tmp.with_suffix(".onnx")  # the exporter wants an .onnx name
+        try:
+            torch.onnx.export(model, example_inputs, str(onnx_path), dynamo=True,
+                              dynamic_shapes=dynamic_shapes, external_data=False, verbose=False)
+            onnx_path.replace(tmp)
+        finally:
+            onnx_path.unlink(missing_ok=True)
+            onnx_path.with_name(onnx_path.name + ".data").unlink(missing_ok=True)
+    return file_size(path)
+
+
+ORT_OPTIMIZATIONS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+                     "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def load_onnx(path, threads=2, optimization="all"):
+    """An ONNX Runtime session as a callable ``run(x) -> logits`` (05_deployment).
+
+    ``threads`` sets ``intra_op_num_threads`` (inter-op is 1).
+    ``optimization`` is ORT's graph optimization level (a key of
+    :data:`ORT_OPTIMIZATIONS`): from ``"extended"`` on, ORT fuses QDQ pairs
+    into int8 kernels (``QLinearConv`` …) whose rounding differs from
+    PyTorch's reference; ``"basic"`` keeps the QDQ arithmetic. A file that is
+    not an ONNX model raises ``ValueError`` naming it.
+    """
+    ort = _require("onnxruntime", "load_onnx")
+    import torch
+
+    if optimization not in ORT_OPTIMIZATIONS:
+        raise ValueError(f"optimization must be one of {sorted(ORT_OPTIMIZATIONS)}, got {optimization!r}")
+    path = Path(path)
+    file_size(path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = int(threads), 1
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_OPTIMIZATIONS[optimization])
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own InvalidGraph/Fail types
+        raise ValueError(f"{str(path)!r} is not a valid ONNX model: {e}") from e
+    name = session.get_inputs()[0].name
+
+    def run(x):
+        return torch.from_numpy(session.run(None, {name: x.detach().contiguous().numpy()})[0])
+
+    run.session = session
+    return run
+
+
+def run_onnx(path, batches, threads=2, optimization="all"):
+    """Run an ONNX model over ``batches`` in ONNX Runtime; concatenated logits (05_deployment)."""
+    run = load_onnx(path, threads=threads, optimization=optimization)
+    shape = run.session.get_inputs()[0].shape
+    fixed = shape[0] if isinstance(shape[0], int) else None
+    return _run_batches(run, batches, fixed)
+
+
+# ---------------------------------------------------------------- plots and tables
+
+
+def format_table(rows, columns):
+    """A plain-text table of ``rows`` (dicts) with ``columns`` (05_deployment).
+
+    >>> print(format_table([{"a": 1, "b": 2.5}], ["a", "b"]))
+    a | b
+    --+------
+    1 | 2.500
+    """
+    def cell(v):
+        if v is None:
+            return "—"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def plot_latency(rows, key="b1_ms", err_key="b1_iqr_ms", ax=None):
+    """Bar chart of ``rows[i][key]`` (median latency) with IQR error bars (05_deployment).
+
+    Each row needs ``runtime`` and ``precision``; rows with ``key`` missing
+    are skipped. Returns the ``ax``.
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3))
+    rows = [r for r in rows if r.get(key) is not None]
+    labels = [f"{r['runtime']}\n{r['precision']}" for r in rows]
+    colors = ["tab:blue" if r["precision"] == "fp32" else "tab:orange" for r in rows]
+    errors = [r.get(err_key) or 0.0 for r in rows]
+    ax.bar(range(len(rows)), [r[key] for r in rows], yerr=[e / 2 for e in errors],
+           color=colors, capsize=3)
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylabel(f"{key} (median, ms)")
+    ax.set_title("latency per call (orange: int8, blue: fp32; bars: IQR)")
+    return ax
+
+
+def plot_sizes(rows, ax=None):
+    """Bar chart of ``rows[i]["bytes"]`` in kB per runtime and precision (05_deployment)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3))
+    rows = [r for r in rows if r.get("bytes") is not None]
+    ax.bar(range(len(rows)), [r["bytes"] / 1e3 for r in rows],
+           color=["tab:blue" if r["precision"] == "fp32" else "tab:orange" for r in rows])
+    ax.set_xticks(range(len(rows)), [f"{r['runtime']}\n{r['precision']}" for r in rows], fontsize=8)
+    ax.set_ylabel("file size (kB)")
+    return ax

@@ -1,0 +1,155 @@
+"""qatlab.deploy: sizes, timing, parity, and a .pte / .onnx round trip on a tiny model."""
+
+import pytest
+import torch
+from torch import nn
+
+from qatlab import deploy
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+
+
+@pytest.fixture(scope="module")
+def int8_tiny():
+    """A PT2E int8 (convert_pt2e) tiny model, calibrated on random data."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    model, x = tiny_model(), torch.randn(2, 1, 8, 8)
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    batch = torch.export.Dim("batch", min=1, max=64)  # any batch size, for the references
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: batch},)).module()
+    prepared = prepare_pt2e(exported, quantizer)
+    prepared(torch.randn(16, 1, 8, 8))  # calibrate
+    return convert_pt2e(prepared)
+
+
+def test_file_size_and_state_dict(tmp_path):
+    model = tiny_model()
+    n = deploy.save_state_dict(model, tmp_path / "m.pt")
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 4 * n_params < n < 4 * n_params + 4000  # fp32 weights + pickle overhead
+    with pytest.raises(FileNotFoundError, match="nope"):
+        deploy.file_size(tmp_path / "nope")
+
+
+def test_benchmark_median_iqr_and_threads():
+    calls = []
+    timing = deploy.benchmark(lambda: calls.append(1), warmup=2, repeats=7, threads=1)
+    assert len(calls) == 9 and timing.repeats == 7 and timing.threads == 1
+    times = sorted(timing.times_ms)
+    assert timing.median_ms == times[3] and timing.q1_ms <= timing.median_ms <= timing.q3_ms
+    assert timing.iqr_ms == pytest.approx(timing.q3_ms - timing.q1_ms)
+    before = torch.get_num_threads()
+    deploy.benchmark(lambda: None, repeats=2, threads=1)
+    assert torch.get_num_threads() == before  # restored
+    with pytest.raises(ValueError, match="repeats"):
+        deploy.benchmark(lambda: None, repeats=1)
+    with pytest.raises(TypeError, match="callable"):
+        deploy.benchmark(3)
+
+
+def test_benchmark_sees_slow_calls():
+    import time
+
+    fast = deploy.benchmark(lambda: None, repeats=5, warmup=0)
+    slow = deploy.benchmark(time.sleep, 0.01, repeats=5, warmup=0)
+    assert slow.median_ms >= 10 > fast.median_ms
+
+
+def test_parity():
+    a = torch.tensor([[0.0, 1.0], [2.0, 0.0], [0.0, 5.0], [1.0, 0.0]])
+    assert deploy.parity(a, a) == {"top1_agreement": 100.0, "max_abs_diff": 0.0}
+    b = a.clone()
+    b[3] = torch.tensor([0.0, 1.5])
+    assert deploy.parity(a, b) == {"top1_agreement": 75.0, "max_abs_diff": 1.5}
+    with pytest.raises(ValueError, match=r"\(4, 2\) and \(3, 2\)"):
+        deploy.parity(a, a[:3])
+
+
+def test_cpu_flags_keys():
+    flags = deploy.cpu_flags()
+    assert set(flags) == set(deploy.CPU_FLAGS) and all(isinstance(v, bool) for v in flags.values())
+
+
+def test_executorch_round_trip(int8_tiny, tmp_path):
+    x = torch.randn(2, 1, 8, 8)
+    summary = deploy.export_executorch(int8_tiny, (x,), tmp_path / "tiny.pte")
+    assert summary.bytes == deploy.file_size(tmp_path / "tiny.pte") > 0
+    assert summary.delegated_nodes > 0  # XNNPACK took the quantized conv / linear
+    batches = [torch.randn(4, 1, 8, 8), torch.randn(2, 1, 8, 8)]  # split into the program's 2 rows
+    ours = deploy.run_executorch(tmp_path / "tiny.pte", batches)
+    ref = int8_tiny(torch.cat(batches))
+    result = deploy.parity(ours, ref)
+    assert result["max_abs_diff"] < 0.1 and result["top1_agreement"] >= 80
+    with pytest.raises(ValueError, match="does not split"):
+        deploy.run_executorch(tmp_path / "tiny.pte", [torch.randn(3, 1, 8, 8)])
+
+
+def test_onnx_round_trip(int8_tiny, tmp_path):
+    import onnx
+
+    path = tmp_path / "tiny.onnx"
+    n = deploy.export_onnx(int8_tiny, (torch.randn(2, 1, 8, 8),), path)
+    assert n == deploy.file_size(path)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # a QDQ graph
+    assert not list(tmp_path.glob(".tiny*"))  # no temporary files left behind
+    batches = [torch.randn(1, 1, 8, 8), torch.randn(5, 1, 8, 8)]  # dynamic batch
+    ours = deploy.run_onnx(path, batches)
+    ref = int8_tiny(torch.cat(batches))
+    assert ours.shape == (6, 3)
+    assert deploy.parity(ours, ref)["max_abs_diff"] < 0.1
+    basic = deploy.run_onnx(path, batches, optimization="basic")
+    assert deploy.parity(basic, ref)["max_abs_diff"] < 0.1
+    with pytest.raises(ValueError, match="'fast'"):
+        deploy.load_onnx(path, optimization="fast")
+
+
+def test_invalid_files_are_named(tmp_path):
+    bad = tmp_path / "junk.pte"
+    bad.write_bytes(b"not a program at all")
+    with pytest.raises(ValueError, match="junk.pte.*not an ExecuTorch program"):
+        deploy.load_executorch(bad)
+    bad_onnx = tmp_path / "junk.onnx"
+    bad_onnx.write_bytes(b"not onnx")
+    with pytest.raises(ValueError, match="junk.onnx.*not a valid ONNX model"):
+        deploy.load_onnx(bad_onnx)
+    with pytest.raises(FileNotFoundError):
+        deploy.run_executorch(tmp_path / "missing.pte", [])
+
+
+def test_missing_runtime_is_named(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("onnxruntime"):
+            raise ImportError("No module named 'onnxruntime'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    monkeypatch.delitem(__import__("sys").modules, "onnxruntime", raising=False)
+    with pytest.raises(ImportError, match="load_onnx needs the 'onnxruntime' package"):
+        deploy.load_onnx("whatever.onnx")
+
+
+def test_format_table_and_plots():
+    rows = [{"runtime": "eager", "precision": "fp32", "b1_ms": 2.0, "b1_iqr_ms": 0.1, "bytes": 4000},
+            {"runtime": "eager", "precision": "int8", "b1_ms": 1.0, "b1_iqr_ms": 0.1, "bytes": 1000},
+            {"runtime": "et", "precision": "int8", "b1_ms": None, "bytes": None}]
+    text = deploy.format_table(rows, ["runtime", "precision", "b1_ms"])
+    assert text.splitlines()[2].split(" | ")[2].strip() == "2.000" and "—" in text
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ax = deploy.plot_latency(rows)
+    assert len(ax.patches) == 2
+    assert len(deploy.plot_sizes(rows).patches) == 2
