@@ -1,0 +1,122 @@
+"""Checks for 04_qat_training's exercises: the freeze schedule and LSQ's gradient scaling."""
+
+import torch
+
+from ._common import ExerciseError, passed
+
+
+def _tiny_qat_model():
+    """A prepared eager QAT model: one fused conv-BN-ReLU block and a linear layer."""
+    import warnings
+
+    from torch import nn
+    from torch.ao.quantization import (
+        QuantStub,
+        fuse_modules_qat,
+        get_default_qat_qconfig,
+        prepare_qat,
+    )
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant = QuantStub()
+            self.block = nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.BatchNorm2d(2), nn.ReLU())
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.fc(self.block(self.quant(x)).mean((2, 3)))
+
+    model = Tiny().train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fuse_modules_qat(model.block, ["0", "1", "2"], inplace=True)
+        model.qconfig = get_default_qat_qconfig("x86")
+        prepare_qat(model, inplace=True)
+    return model
+
+
+def _state(model):
+    """(names of fake-quantizers still observing, names of conv-BN modules with frozen BN)."""
+    observing = sorted(n for n, m in model.named_modules()
+                       if hasattr(m, "observer_enabled") and int(m.observer_enabled[0]) == 1)
+    frozen_bn = sorted(n for n, m in model.named_modules() if getattr(m, "freeze_bn", False))
+    return observing, frozen_bn
+
+
+def check_freeze_callback(make_freeze_callback):
+    """``make_freeze_callback(freeze_observers_at, freeze_bn_at)`` → ``callback(t, model)``.
+
+    Taught in 04_qat_training. The check runs the callback on a small prepared
+    QAT model for ``t = 0..3`` under several schedules and compares which
+    observers observe and which BN layers are frozen with the expected plan.
+    """
+    if not callable(make_freeze_callback):
+        raise ExerciseError(f"pass the function itself, got {type(make_freeze_callback).__name__}")
+    all_observing, _ = _state(_tiny_qat_model())
+    for obs_at, bn_at in ((2, 1), (1, 3), (None, 0), (0, None), (None, None)):
+        model = _tiny_qat_model()
+        callback = make_freeze_callback(obs_at, bn_at)
+        if not callable(callback):
+            raise ExerciseError(f"make_freeze_callback({obs_at}, {bn_at}) returned "
+                                f"{type(callback).__name__}, not a function callback(t, model)")
+        for t in range(4):
+            callback(t, model)
+            observing, frozen_bn = _state(model)
+            want_obs_frozen = obs_at is not None and t >= obs_at
+            want_bn_frozen = bn_at is not None and t >= bn_at
+            where = f"freeze_observers_at={obs_at}, freeze_bn_at={bn_at}, at t={t}"
+            if want_obs_frozen and observing:
+                raise ExerciseError(f"{where}: observers should be off, but {len(observing)} still "
+                                    f"observe (e.g. {observing[0]!r}). Use >= (freezing starts AT "
+                                    f"t = freeze_observers_at) and model.apply(disable_observer).")
+            if not want_obs_frozen and observing != all_observing:
+                off = sorted(set(all_observing) - set(observing))
+                raise ExerciseError(f"{where}: observers should still observe, but {len(off)} are "
+                                    f"off (e.g. {off[0]!r}). Did you use > instead of >=, swap the "
+                                    f"two thresholds, or freeze when the threshold is None?")
+            if want_bn_frozen and frozen_bn != ["block.0"]:
+                raise ExerciseError(f"{where}: BN statistics should be frozen in 'block.0' (its "
+                                    f"freeze_bn is False). Use model.apply(freeze_bn_stats) from "
+                                    f"torch.ao.nn.intrinsic.qat when t >= freeze_bn_at.")
+            if not want_bn_frozen and frozen_bn:
+                raise ExerciseError(f"{where}: BN statistics should still update, but 'block.0' is "
+                                    f"frozen. Check the BN threshold (>=, and None means never).")
+    return passed("freeze schedule")
+
+
+def check_scale_gradient(scale_gradient):
+    """``scale_gradient(x, g)``: forward value ``x``, gradient multiplied by ``g``.
+
+    Taught in 04_qat_training (LSQ's gradient scaling).
+    """
+    if not callable(scale_gradient):
+        raise ExerciseError(f"pass the function itself, got {type(scale_gradient).__name__}")
+    x = torch.tensor([0.5, -1.25, 2.0], requires_grad=True)
+    g = 0.125
+    out = scale_gradient(x, g)
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        raise ExerciseError(f"return a tensor shaped like x {tuple(x.shape)}, got {out!r}")
+    diff = (out.detach() - x.detach()).abs()
+    if diff.max() > 1e-6:
+        i = int((diff > 1e-6).nonzero()[0])  # the first element that differs
+        ratio = float(out[i].detach() / x[i].detach())
+        raise ExerciseError(f"the forward value must stay x: element [{i}] is {float(out[i]):.4g} "
+                            f"but x[{i}] is {float(x[i]):.4g} (ratio {ratio:.4g}"
+                            f"{', that is g: did you return x * g?' if abs(ratio - g) < 1e-6 else ''})")
+    if not out.requires_grad:
+        raise ExerciseError("no gradient reaches x: the whole expression is detached. Keep a "
+                            "term g * x outside .detach()")
+    upstream = torch.tensor([1.0, 2.0, -3.0])
+    out.backward(upstream)
+    want = g * upstream
+    if x.grad is None or not torch.allclose(x.grad, want, atol=1e-7):
+        got = None if x.grad is None else x.grad.tolist()
+        hint = ""
+        if got is not None and torch.allclose(x.grad, upstream):
+            hint = " The gradient is unscaled: did you return x itself?"
+        elif got is not None and torch.allclose(x.grad, upstream / g):
+            hint = " The gradient is divided by g instead of multiplied."
+        raise ExerciseError(f"for upstream gradient {upstream.tolist()} and g={g}, x.grad should be "
+                            f"{want.tolist()}, got {got}.{hint}")
+    return passed("LSQ gradient scaling")

@@ -1,0 +1,88 @@
+"""The 04_qat_training exercise checks pass right answers and explain wrong ones."""
+
+import warnings
+
+import pytest
+from torch.ao.nn.intrinsic.qat import freeze_bn_stats
+from torch.ao.quantization import disable_observer
+
+from qatlab.exercises import ExerciseError, check_freeze_callback, check_scale_gradient
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _freeze(obs_cmp, bn_cmp, swap=False):
+    def make(freeze_observers_at, freeze_bn_at):
+        if swap:
+            freeze_observers_at, freeze_bn_at = freeze_bn_at, freeze_observers_at
+
+        def callback(t, model):
+            if freeze_observers_at is not None and obs_cmp(t, freeze_observers_at):
+                model.apply(disable_observer)
+            if freeze_bn_at is not None and bn_cmp(t, freeze_bn_at):
+                model.apply(freeze_bn_stats)
+        return callback
+    return make
+
+
+ge = lambda t, at: t >= at
+gt = lambda t, at: t > at
+
+
+def test_freeze_callback_right():
+    assert check_freeze_callback(_freeze(ge, ge)) is True
+
+
+def test_freeze_callback_off_by_one():
+    with pytest.raises(ExerciseError, match=r"observers should be off.*Use >="):
+        check_freeze_callback(_freeze(gt, ge))
+
+
+def test_freeze_callback_swapped_thresholds():
+    with pytest.raises(ExerciseError, match=r"t=1: observers should still observe"):
+        check_freeze_callback(_freeze(ge, ge, swap=True))
+
+
+def test_freeze_callback_forgets_bn():
+    def make(freeze_observers_at, freeze_bn_at):
+        def callback(t, model):
+            if freeze_observers_at is not None and t >= freeze_observers_at:
+                model.apply(disable_observer)
+        return callback
+
+    with pytest.raises(ExerciseError, match=r"BN statistics should be frozen in 'block.0'"):
+        check_freeze_callback(make)
+
+
+def test_freeze_callback_not_returning_a_function():
+    with pytest.raises(ExerciseError, match="returned NoneType"):
+        check_freeze_callback(lambda a, b: None)
+
+
+def test_scale_gradient_right():
+    assert check_scale_gradient(lambda x, g: (x - x * g).detach() + x * g) is True
+
+
+def test_scale_gradient_multiplies_forward():
+    with pytest.raises(ExerciseError, match=r"element \[0\] is 0.0625.*did you return x \* g"):
+        check_scale_gradient(lambda x, g: x * g)
+
+
+def test_scale_gradient_identity():
+    with pytest.raises(ExerciseError, match=r"should be \[0.125, 0.25, -0.375\].*unscaled"):
+        check_scale_gradient(lambda x, g: x)
+
+
+def test_scale_gradient_detached():
+    with pytest.raises(ExerciseError, match="whole expression is detached"):
+        check_scale_gradient(lambda x, g: x.detach())
+
+
+def test_scale_gradient_divides():
+    with pytest.raises(ExerciseError, match="divided by g"):
+        check_scale_gradient(lambda x, g: (x - x / g).detach() + x / g)
