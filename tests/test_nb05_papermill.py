@@ -8,7 +8,10 @@ def test_nb05_deployment_runs_with_other_params(run_notebook):
     results = run_notebook("05_deployment", seed=1, qat_steps=10, repeats=5, batch32=False)
     assert results["converted_top1_agreement"] >= 99.0
     assert results["et_int8_top1_agreement"] >= 99.5
-    assert results["ort_int8_top1_agreement"] >= 99.0
+    # ORT's default optimizer swaps in its own int8 kernels (QLinearConv), whose rounding
+    # differs; parity with PyTorch's arithmetic is the basic-optimization run's.
+    assert results["ort_int8_top1_agreement"] >= 95.0
+    assert results["ort_int8_basic_top1_agreement"] >= 99.5
     assert results["eager_int8_size_ratio_mobilenet_v2"] <= 0.28
     assert results["eager_int8_speedup_mobilenet_v2"] > 1.0
     assert 0 < results["et_int8_over_fp32_latency"] < 10
