@@ -28,7 +28,7 @@ run: setup
 ## every notebook with a second parameter set, student copies, the browser test, ruff.
 test: setup
 	$(PY) -m ruff check qatlab tests notebooks
-	QATLAB_BUILD=$(CURDIR)/build/test $(OFFLINE) $(PY) -m pytest --nbval-lax tests qatlab notebooks
+	QATLAB_BUILD=$(CURDIR)/build/test $(OFFLINE) $(PY) -m pytest --nbval-lax --durations=15 tests qatlab notebooks
 
 ## test-fast: unit tests and doctests only (no notebooks, no browser)
 test-fast: setup
