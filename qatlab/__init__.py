@@ -13,6 +13,10 @@ Where each name is taught:
 - 03_fusion: ``fold_bn``
 - 04_qat_training: ``qatlab.qat``
 - 05_deployment: ``qatlab.deploy``
+- 06_when_qat_pays_off: ``TinyMobileNet``, ``qatlab.sensitivity``
+- 07_qat_transformers: ``TinyViT``, ``qatlab.groupwise``
+- 08_qat_at_scale: ``qatlab.train_qat`` (``python -m qatlab.train_qat``)
+- 09_integer_kernels: ``qatlab.integer``
 """
 
 from importlib import import_module
@@ -28,6 +32,8 @@ _EXPORTS = {
     # data, model, training
     "load_dataset": "data",
     "SmallCNN": "models",
+    "TinyMobileNet": "models",
+    "TinyViT": "models",
     "train": "training",
     "evaluate": "training",
     "predict": "training",
@@ -50,8 +56,9 @@ _EXPORTS = {
 }
 
 # submodules reachable as qatlab.<name> without importing them first
-_SUBMODULES = {"baseline", "data", "deploy", "exercises", "files", "fusion", "models",
-               "observers", "qat", "quant", "results", "runner", "site", "student", "training"}
+_SUBMODULES = {"baseline", "data", "deploy", "exercises", "files", "fusion", "groupwise", "integer",
+               "models", "observers", "qat", "quant", "results", "runner", "sensitivity", "site",
+               "student", "train_qat", "training"}
 
 __all__ = sorted(_EXPORTS)
 

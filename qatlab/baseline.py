@@ -1,8 +1,15 @@
-"""The fp32 baseline every notebook starts from: train it once, save it, reload it.
+"""The fp32 baselines every notebook starts from: train once, save, reload.
 
 Taught in 00_start_here. Later notebooks call :func:`load_baseline`, which loads
-``build/checkpoints/baseline.pt`` or, in a fresh checkout, retrains it with the
-same recipe (about 15 s on 2 cores), so any notebook runs alone.
+the model's checkpoint from ``build/checkpoints/`` or, in a fresh checkout (or
+when the file is missing or corrupt), retrains it with its recipe, so any
+notebook runs alone.
+
+Each model has one recipe in :data:`RECIPES`:
+
+- ``"smallcnn"`` (00_start_here, used by 01-05): ``build/checkpoints/baseline.pt``;
+- ``"tinymobilenet"`` (06_when_qat_pays_off): ``build/checkpoints/tinymobilenet.pt``;
+- ``"tinyvit"`` (07_qat_transformers): ``build/checkpoints/tinyvit.pt``.
 """
 
 import warnings
@@ -11,15 +18,41 @@ import torch
 
 from .data import load_dataset
 from .files import atomic_path, build_dir
-from .models import SmallCNN
 from .training import evaluate, set_seed, train
 
-RECIPE = {"dataset": "mnist5k", "epochs": 8, "lr": 1e-2, "batch_size": 64,
-          "schedule": "onecycle", "seed": 0}
+# model name -> (class name in qatlab.models, checkpoint file, training recipe)
+RECIPES = {
+    "smallcnn": {"cls": "SmallCNN", "file": "baseline.pt", "notebook": "00_start_here", "dataset": "mnist5k", "epochs": 8,
+                 "lr": 1e-2, "batch_size": 64, "schedule": "onecycle", "seed": 0},
+    "tinymobilenet": {"cls": "TinyMobileNet", "file": "tinymobilenet.pt",
+                      "notebook": "06_when_qat_pays_off", "dataset": "mnist5k",
+                      "epochs": 8, "lr": 1e-2, "batch_size": 64, "schedule": "onecycle", "seed": 0},
+    "tinyvit": {"cls": "TinyViT", "file": "tinyvit.pt", "notebook": "07_qat_transformers", "dataset": "mnist5k", "epochs": 10,
+                "lr": 2e-3, "batch_size": 64, "schedule": "onecycle", "seed": 0},
+}
+_NOT_RECIPE = ("cls", "file", "notebook")
+RECIPE = {k: v for k, v in RECIPES["smallcnn"].items() if k not in _NOT_RECIPE}
 
 
-def checkpoint_path():
-    return build_dir() / "checkpoints" / "baseline.pt"
+def _recipe(model):
+    if model not in RECIPES:
+        raise ValueError(f"model must be one of {', '.join(RECIPES)}, got {model!r}")
+    return RECIPES[model]
+
+
+def checkpoint_path(model="smallcnn"):
+    """``build/checkpoints/<file>`` of ``model`` (``baseline.pt`` for the SmallCNN)."""
+    return build_dir() / "checkpoints" / _recipe(model)["file"]
+
+
+def make_model(model="smallcnn", data=None):
+    """A fresh, untrained instance of ``model`` sized for ``data`` (default: 1×28×28, 10 classes)."""
+    from . import models
+
+    cls = getattr(models, _recipe(model)["cls"])
+    if data is None:
+        return cls()
+    return cls(in_channels=data.input_shape[0], input_size=data.input_shape[1])
 
 
 def save_checkpoint(model, path, **meta):
@@ -29,46 +62,61 @@ def save_checkpoint(model, path, **meta):
     return path
 
 
-def train_baseline(seed=0, epochs=None, path=None, progress_desc="fp32 baseline"):
-    """Train ``SmallCNN`` on mnist5k with :data:`RECIPE`, save it, return ``(model, history)``."""
-    recipe = dict(RECIPE, seed=seed, epochs=RECIPE["epochs"] if epochs is None else epochs)
+def train_baseline(seed=0, epochs=None, path=None, progress_desc=None, model="smallcnn"):
+    """Train ``model`` on its dataset with its recipe, save it, return ``(model, history)``."""
+    spec = _recipe(model)
+    recipe = {k: v for k, v in spec.items() if k not in _NOT_RECIPE}
+    recipe.update(seed=seed, epochs=recipe["epochs"] if epochs is None else epochs)
     set_seed(recipe["seed"])
     data = load_dataset(recipe["dataset"])
     train_loader, test_loader = data.loaders(batch_size=recipe["batch_size"], seed=recipe["seed"])
-    model = SmallCNN(in_channels=data.input_shape[0], input_size=data.input_shape[1])
-    history = train(model, train_loader, epochs=recipe["epochs"], lr=recipe["lr"],
-                    schedule=recipe["schedule"], test_loader=test_loader, desc=progress_desc)
-    model.eval()
-    acc = evaluate(model, test_loader)
-    save_checkpoint(model, path or checkpoint_path(), test_acc=acc, **recipe)
-    return model, history
+    net = make_model(model, data)
+    history = train(net, train_loader, epochs=recipe["epochs"], lr=recipe["lr"],
+                    schedule=recipe["schedule"], test_loader=test_loader,
+                    desc=progress_desc or f"fp32 {model}")
+    net.eval()
+    acc = evaluate(net, test_loader)
+    save_checkpoint(net, path or checkpoint_path(model), test_acc=acc, model=model, **recipe)
+    return net, history
 
 
-def load_baseline(path=None, train_if_missing=True):
-    """The trained fp32 baseline in eval mode, from ``path`` (default: the build checkpoint).
+def load_baseline(path=None, train_if_missing=True, model="smallcnn"):
+    """The trained fp32 ``model`` in eval mode, from ``path`` (default: its build checkpoint).
 
     Loaded with ``weights_only=True``: a checkpoint is data, never code.
     A missing checkpoint is retrained (``train_if_missing=True``) or raises
-    ``FileNotFoundError``.
+    ``FileNotFoundError``; a corrupt one (unreadable, or weights that do not fit
+    the model) is retrained with a warning, or raises ``ValueError``.
     """
-    path = path or checkpoint_path()
+    from pathlib import Path
+
+    _recipe(model)
+    path = Path(path) if path is not None else checkpoint_path(model)
     if not path.exists():
         if not train_if_missing:
-            raise FileNotFoundError(f"no baseline checkpoint at {path}; run notebook 00 first")
-        warnings.warn(f"no baseline at {path}: training it now (about 15 s)", stacklevel=2)
-        model, _ = train_baseline(path=path)
-        return model
-    ckpt = torch.load(path, weights_only=True, map_location="cpu")
-    meta = ckpt.get("meta", {})
-    model = SmallCNN()
-    model.load_state_dict(ckpt["state_dict"])
-    model.baseline_meta = meta
-    return model.eval()
+            nb = RECIPES[model]["notebook"]
+            raise FileNotFoundError(f"no {model} checkpoint at {path}; run notebook {nb} first")
+        warnings.warn(f"no {model} checkpoint at {path}: training it now", stacklevel=2)
+        net, _ = train_baseline(path=path, model=model)
+        return net
+    net = make_model(model)
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+        net.load_state_dict(ckpt["state_dict"])
+    except Exception as e:  # truncated file, foreign pickle, wrong model: all mean "retrain"
+        if not train_if_missing:
+            raise ValueError(f"{model} checkpoint {path} is corrupt or not a {model}: {e}") from e
+        warnings.warn(f"{model} checkpoint {path} is corrupt or not a {model} "
+                      f"({type(e).__name__}): training it again", stacklevel=2)
+        net, _ = train_baseline(path=path, model=model)
+        return net
+    net.baseline_meta = ckpt.get("meta", {})
+    return net.eval()
 
 
-def load_baseline_and_data(batch_size=64, seed=0):
+def load_baseline_and_data(batch_size=64, seed=0, model="smallcnn"):
     """``(model, data, train_loader, test_loader)``: what most notebooks start with."""
-    model = load_baseline()
-    data = load_dataset(RECIPE["dataset"])
+    net = load_baseline(model=model)
+    data = load_dataset(_recipe(model)["dataset"])
     train_loader, test_loader = data.loaders(batch_size=batch_size, seed=seed)
-    return model, data, train_loader, test_loader
+    return net, data, train_loader, test_loader

@@ -80,3 +80,156 @@ class SmallCNN(nn.Module):
         for block in self.features:
             fuse(block, ["0", "1", "2"], inplace=True)
         return self
+
+
+# --- a quantization-fragile model: depthwise-separable convolutions (06_when_qat_pays_off) ---
+
+def dw_separable(in_ch, out_ch, stride=1):
+    """Depthwise 3×3 conv-BN-ReLU then pointwise 1×1 conv-BN-ReLU, as in MobileNet (v1).
+
+    Returns ``nn.Sequential(depthwise_block, pointwise_block)``; each block is
+    ``Sequential(conv, bn, relu)`` named ``0, 1, 2``, fusable like SmallCNN's.
+    """
+    return nn.Sequential(
+        conv_bn_relu(in_ch, in_ch, stride=stride, groups=in_ch),
+        nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU()),
+    )
+
+
+class TinyMobileNet(nn.Module):
+    """A ~11k-parameter depthwise-separable CNN (MobileNet-style) for 1×28×28 digits.
+
+    A full conv-BN-ReLU stem, then depthwise-separable blocks, average pool and
+    ``Linear``. Depthwise convs give every channel its own 3×3 filter, whose
+    range after BN folding can differ by orders of magnitude between channels:
+    the classic case where per-tensor weight quantization breaks.
+    Taught in 06_when_qat_pays_off.
+
+    >>> model = TinyMobileNet()
+    >>> model(*model.example_inputs()).shape
+    torch.Size([1, 10])
+    """
+
+    def __init__(self, in_channels=1, num_classes=10, widths=(16, 32, 64, 96), input_size=28):
+        super().__init__()
+        if len(widths) < 2 or not all(isinstance(w, int) and w > 0 for w in widths):
+            raise ValueError(f"widths must be at least two positive ints, got {widths!r}")
+        self.in_channels, self.input_size = in_channels, input_size
+        self.quant = QuantStub()
+        blocks = [conv_bn_relu(in_channels, widths[0], stride=2)]
+        for a, b in zip(widths[:-1], widths[1:]):
+            blocks.append(dw_separable(a, b, stride=2 if b != widths[-1] else 1))
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(widths[-1], num_classes)
+        self.dequant = DeQuantStub()
+
+    def forward(self, x):
+        x = self.quant(x)
+        x = self.features(x)
+        x = self.fc(self.flatten(self.pool(x)))
+        return self.dequant(x)
+
+    def example_inputs(self, batch_size=1):
+        """A tuple of inputs for ``torch.export`` and tracing: ``(randn(B, C, H, W),)``."""
+        s = self.input_size
+        return (torch.randn(batch_size, self.in_channels, s, s),)
+
+    def conv_blocks(self):
+        """Every ``Sequential(conv, bn, relu)`` block, in order (stem, then dw/pw pairs)."""
+        out = [self.features[0]]
+        for pair in self.features[1:]:
+            out.extend(pair)
+        return out
+
+    def fuse_model(self, is_qat):
+        """Fuse every conv-BN-ReLU block in place (see :meth:`SmallCNN.fuse_model`); return ``self``."""
+        from torch.ao.quantization import fuse_modules, fuse_modules_qat
+
+        if not isinstance(is_qat, bool):
+            raise TypeError(f"is_qat must be a bool, got {is_qat!r}")
+        if is_qat and not self.training:
+            raise ValueError("fuse_model(is_qat=True) needs train mode: call model.train() first")
+        if not is_qat and self.training:
+            raise ValueError("fuse_model(is_qat=False) needs eval mode: call model.eval() first")
+        fuse = fuse_modules_qat if is_qat else fuse_modules
+        for block in self.conv_blocks():
+            fuse(block, ["0", "1", "2"], inplace=True)
+        return self
+
+
+# --- a small vision transformer with explicit Linear layers (07_qat_transformers) ---
+
+class Block(nn.Module):
+    """A pre-norm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``.
+
+    Attention is written with explicit ``nn.Linear`` layers (``qkv``, ``proj``)
+    instead of ``nn.MultiheadAttention``, whose input projection is a bare
+    parameter that torchao's ``quantize_`` does not see.
+    """
+
+    def __init__(self, dim, heads, mlp_ratio=2):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_ratio * dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(mlp_ratio * dim, dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(self.act(self.fc1(self.ln2(x))))
+
+
+class TinyViT(nn.Module):
+    """A ~72k-parameter vision transformer for 1×28×28 digits.
+
+    4×4 patches → 49 tokens → ``Linear`` patch embedding (16 → ``dim``) plus a
+    learned position embedding → ``depth`` pre-norm blocks → LayerNorm → mean
+    over tokens → ``Linear`` head. Every matmul is an ``nn.Linear``.
+    Taught in 07_qat_transformers.
+
+    >>> model = TinyViT()
+    >>> model(*model.example_inputs()).shape
+    torch.Size([1, 10])
+    """
+
+    def __init__(self, in_channels=1, num_classes=10, input_size=28, patch=4, dim=64, depth=2,
+                 heads=4, mlp_ratio=2):
+        super().__init__()
+        if input_size % patch:
+            raise ValueError(f"input_size ({input_size}) must be divisible by patch ({patch})")
+        self.in_channels, self.input_size, self.patch = in_channels, input_size, patch
+        tokens = (input_size // patch) ** 2
+        self.embed = nn.Linear(in_channels * patch * patch, dim)
+        self.pos = nn.Parameter(torch.zeros(1, tokens, dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def patchify(self, x):
+        """``(B, C, H, W)`` → ``(B, tokens, C·p·p)``: non-overlapping p×p patches, row by row."""
+        b, c, h, w = x.shape
+        p = self.patch
+        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+    def forward(self, x):
+        x = self.embed(self.patchify(x)) + self.pos
+        x = self.ln(self.blocks(x))
+        return self.head(x.mean(dim=1))
+
+    def example_inputs(self, batch_size=1):
+        """A tuple of inputs for ``torch.export``: ``(randn(B, C, H, W),)``."""
+        s = self.input_size
+        return (torch.randn(batch_size, self.in_channels, s, s),)
