@@ -43,6 +43,8 @@ _EXPORTS = {
     "load_baseline_and_data": "baseline",
     "train_baseline": "baseline",
     "save_checkpoint": "baseline",
+    # quiet logs (every notebook's setup cell)
+    "silence_noise": "noise",
     # paths
     "build_dir": "files",
     "data_dir": "files",
@@ -57,7 +59,7 @@ _EXPORTS = {
 
 # submodules reachable as qatlab.<name> without importing them first
 _SUBMODULES = {"baseline", "data", "deploy", "exercises", "files", "fusion", "groupwise", "integer",
-               "models", "observers", "qat", "quant", "results", "runner", "sensitivity", "site",
+               "models", "noise", "observers", "qat", "quant", "results", "runner", "sensitivity", "site",
                "student", "train_qat", "training"}
 
 __all__ = sorted(_EXPORTS)
