@@ -43,6 +43,10 @@ _EXPORTS = {
     "load_baseline_and_data": "baseline",
     "train_baseline": "baseline",
     "save_checkpoint": "baseline",
+    # statistics of comparisons
+    "accuracy_se": "stats",
+    "mcnemar": "stats",
+    "compare_runs": "stats",
     # quiet logs (every notebook's setup cell)
     "silence_noise": "noise",
     # paths
@@ -59,7 +63,7 @@ _EXPORTS = {
 
 # submodules reachable as qatlab.<name> without importing them first
 _SUBMODULES = {"baseline", "data", "deploy", "exercises", "files", "fusion", "groupwise", "integer",
-               "models", "noise", "observers", "qat", "quant", "results", "runner", "sensitivity", "site",
+               "models", "noise", "observers", "qat", "quant", "results", "runner", "sensitivity", "site", "stats",
                "student", "train_qat", "training"}
 
 __all__ = sorted(_EXPORTS)
