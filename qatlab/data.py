@@ -215,27 +215,63 @@ def _load_online(name):
     return (*arrays(train), *arrays(test))
 
 
-def plot_samples(data, n=30, split="train", ax=None):
-    """A grid of ``n`` images with their labels (taught in 00_start_here); returns ``ax``."""
+def sample_indices(labels, n, seed=0):
+    """``n`` indices that cycle through the classes (class 0, 1, ..., 9, 0, 1, ...), each
+    image drawn at random without replacement within its class.
+
+    A split stored sorted by class would otherwise show only one digit in its first images.
+    Taught in 00_start_here.
+
+    >>> import torch
+    >>> labels = torch.tensor([0] * 5 + [1] * 5 + [2] * 5)
+    >>> [int(labels[i]) for i in sample_indices(labels, 7)]
+    [0, 1, 2, 0, 1, 2, 0]
+    >>> sample_indices(labels, 0)
+    Traceback (most recent call last):
+    ...
+    ValueError: n must be a positive int, got 0
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    y = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    pools = {c: list(rng.permutation(np.flatnonzero(y == c))) for c in np.unique(y)}
+    out = []
+    while len(out) < min(n, len(y)):
+        for c in pools:
+            if pools[c] and len(out) < n:
+                out.append(int(pools[c].pop()))
+    return out
+
+
+def plot_samples(data, n=30, split="train", ax=None, seed=0):
+    """A grid of ``n`` images with their labels, drawn class by class at random (taught in
+    00_start_here); returns ``ax``. See :func:`sample_indices`."""
     import matplotlib.pyplot as plt
 
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     x = data.x_train if split == "train" else data.x_test
     y = data.y_train if split == "train" else data.y_test
-    n = min(n, len(y))
+    idx = sample_indices(y, n, seed=seed)
+    n = len(idx)
     cols = min(n, 10)
     rows = -(-n // cols)
     h, w = x.shape[-2:]
-    canvas = np.full((rows * (h + 2), cols * (w + 2)), np.nan)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        canvas[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = x[i, 0].numpy()
+    canvas = np.full((rows * (h + 6), cols * (w + 2)), np.nan)
+    for k, i in enumerate(idx):
+        r, c = divmod(k, cols)
+        top = r * (h + 6) + 5
+        canvas[top:top + h, c * (w + 2):c * (w + 2) + w] = x[i, 0].numpy()
     if ax is None:
-        _, ax = plt.subplots(figsize=(cols * 0.8, rows * 0.9))
+        _, ax = plt.subplots(figsize=(cols * 0.8, rows * 1.0))
     ax.imshow(canvas, cmap="gray_r")
-    for i in range(n):
-        r, c = divmod(i, cols)
-        ax.text(c * (w + 2) + w / 2, r * (h + 2) - 0.5, data.classes[int(y[i])],
+    for k, i in enumerate(idx):
+        r, c = divmod(k, cols)
+        ax.text(c * (w + 2) + w / 2, r * (h + 6) + 4.5, data.classes[int(y[i])],
                 ha="center", va="bottom", fontsize=7, color="tab:blue")
     ax.set_axis_off()
-    ax.set_title(f"{data.name}: first {n} {split} images")
+    per_class = len(idx) // len(data.classes)
+    ax.set_title(f"{data.name}: {n} random {split} images"
+                 + (f", {per_class} per class" if per_class * len(data.classes) == n else ""))
     return ax

@@ -587,21 +587,23 @@ def trace_running_range(observer, batches):
     return mins, maxs
 
 
-def calibration_sweep(model, qconfig, batches, sizes, test_loader):
+def calibration_sweep(model, qconfig, batches, sizes, test_loader, return_correct=False):
     """PTQ accuracy after calibrating on the first ``n`` batches, for each ``n`` in ``sizes``.
 
     Taught in 02_observers (LEGACY eager API: ``torch.ao.quantization``
-    ``prepare``/``convert``, deprecated upstream in favour of torchao PT2E).
-    The model is fused and prepared once; calibration continues batch by batch
-    and a copy is converted to int8 and evaluated at each size, so the sweep
-    costs ``max(sizes)`` calibration batches, not ``sum(sizes)``.
-    Returns ``{n: top-1 %}``.
+    ``prepare``/``convert``; torch's deprecation warning sends eager users to
+    torchao's ``quantize_``). The model is fused and prepared once; calibration
+    continues batch by batch and a copy is converted to int8 and evaluated at
+    each size, so the sweep costs ``max(sizes)`` calibration batches, not
+    ``sum(sizes)``. Returns ``{n: top-1 %}``; with ``return_correct=True`` also
+    ``{n: bool tensor}``, which test image each int8 model got right (for the
+    paired test, :func:`qatlab.stats.mcnemar`).
     """
     import copy
 
     from torch.ao.quantization import convert, prepare
 
-    from .training import evaluate
+    from .training import predict
 
     sizes = sorted(sizes)
     if not sizes or sizes[0] < 1 or sizes[-1] > len(batches):
@@ -609,14 +611,16 @@ def calibration_sweep(model, qconfig, batches, sizes, test_loader):
     prepared = copy.deepcopy(model).eval().fuse_model(is_qat=False)
     prepared.qconfig = qconfig
     prepare(prepared, inplace=True)
-    accs, seen = {}, 0
+    accs, correct, seen = {}, {}, 0
     with torch.no_grad():
         for n in sizes:
             while seen < n:
                 prepared(batches[seen])
                 seen += 1
-            accs[n] = evaluate(convert(copy.deepcopy(prepared)), test_loader)
-    return accs
+            logits, labels = predict(convert(copy.deepcopy(prepared)), test_loader)
+            correct[n] = logits.argmax(1) == labels
+            accs[n] = 100.0 * correct[n].float().mean().item()
+    return (accs, correct) if return_correct else accs
 
 
 # ---------------------------------------------------------------------------
@@ -677,21 +681,49 @@ def explore_observer(x, observer="histogram", outlier=0.0, x_eval=None, ax=None)
     return ax
 
 
-def plot_calibration_sweep(accs, fp32_acc=None, ax=None):
+def plot_calibration_sweep(accs, fp32_acc=None, n_test=None, ax=None):
     """PTQ accuracy against the number of calibration batches, one line per observer.
 
     Taught in 02_observers. ``accs`` maps an observer name to ``{n_batches: acc}``.
+    With ``n_test`` (test images), each point gets a ±1 standard-error bar
+    (:func:`qatlab.stats.accuracy_se`) and the fp32 line a ±2 SE band: points
+    inside the band are within noise of fp32. The title says whether all are.
     """
-    ax = _axes(ax)
-    for i, (name, by_n) in enumerate(accs.items()):
+    import numpy as np
+
+    from .stats import accuracy_se
+
+    ax = _axes(ax, figsize=(7, 3.6))
+    names = list(accs)
+    ns_all = sorted({n for by_n in accs.values() for n in by_n})
+    offsets = {name: (i - (len(names) - 1) / 2) * 0.06 for i, name in enumerate(names)}
+    inside, all_ys = True, []
+    for i, name in enumerate(names):
+        by_n = accs[name]
         ns = sorted(by_n)
-        ax.plot(ns, [by_n[n] for n in ns], "o-", color=_COLORS.get(name, f"C{i}"), label=name)
+        ys = np.array([by_n[n] for n in ns])
+        all_ys.extend(ys.tolist())
+        xs = np.array(ns, dtype=float) * 2 ** offsets[name]  # side by side, not on top
+        err = [accuracy_se(float(y), n_test) for y in ys] if n_test else None
+        ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, color=_COLORS.get(name, f"C{i}"),
+                    label=f"{name}" + (" (±1 SE)" if n_test else ""))
+        if n_test and fp32_acc is not None:
+            inside &= bool(np.all(np.abs(ys - fp32_acc) <= 2 * accuracy_se(fp32_acc, n_test)))
     if fp32_acc is not None:
         ax.axhline(fp32_acc, color="k", ls=":", label=f"fp32 {fp32_acc:.1f}%")
+        if n_test:
+            band = 2 * accuracy_se(fp32_acc, n_test)
+            ax.axhspan(fp32_acc - band, fp32_acc + band, color="0.85", alpha=0.6, lw=0,
+                       label="fp32 ± 2 SE")
+            ax.set_ylim(min(fp32_acc - 4 * band, min(all_ys) - band),
+                        min(100.0, max(fp32_acc + 3 * band, max(all_ys) + band)))
+            ax.set_title("every int8 accuracy within 2 SE of fp32" if inside else
+                         "some int8 accuracies outside 2 SE of fp32", fontsize=10)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("calibration batches")
+    ax.set_xticks(ns_all, [str(n) for n in ns_all])
+    ax.set_xlabel("calibration batches (log scale)")
     ax.set_ylabel("int8 test accuracy (%)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return ax
 
 
@@ -714,18 +746,26 @@ def plot_running_range(traces, ax=None, title=None):
 
 
 def plot_weight_sqnr(per_tensor, per_channel, ax=None):
-    """Bar chart of weight SQNR per layer, per-tensor vs per-channel. Taught in 02_observers.
+    """Weight SQNR per layer, per-tensor vs per-channel, as two markers joined by the gain.
 
-    ``per_tensor`` and ``per_channel`` map a layer name to SQNR in dB.
+    Taught in 02_observers. ``per_tensor`` and ``per_channel`` map a layer name
+    to SQNR in dB. The y-axis is fitted to the data (it does not start at 0).
     """
     import numpy as np
 
-    ax = _axes(ax)
+    ax = _axes(ax, figsize=(6.5, 3.4))
     names = list(per_tensor)
     pos = np.arange(len(names))
-    ax.bar(pos - 0.2, [per_tensor[n] for n in names], 0.4, label="per-tensor")
-    ax.bar(pos + 0.2, [per_channel[n] for n in names], 0.4, label="per-channel")
+    pt = np.array([per_tensor[n] for n in names])
+    pc = np.array([per_channel[n] for n in names])
+    ax.vlines(pos, pt, pc, color="0.7", lw=2)
+    ax.plot(pos, pt, "o", color="tab:red", label="per-tensor")
+    ax.plot(pos, pc, "o", color="tab:purple", label="per-channel")
+    for p, a, b in zip(pos, pt, pc):
+        ax.annotate(f"{b - a:+.1f} dB", (p, (a + b) / 2), xytext=(6, 0),
+                    textcoords="offset points", va="center", fontsize=8)
     ax.set_xticks(pos, names)
-    ax.set_ylabel("weight SQNR (dB)")
-    ax.legend(fontsize=8)
+    ax.set_xlim(-0.5, len(names) - 0.3)
+    ax.set_ylabel("weight SQNR (dB, axis not from 0)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return ax

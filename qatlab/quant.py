@@ -395,42 +395,66 @@ def _axes(ax, figsize=(5, 3.5)):
     return ax
 
 
+def clamp_points(scale, zero_point, quant_min, quant_max):
+    """``(x_lo, x_hi)``: where a quantizer starts to saturate.
+
+    The grid ends at ``(quant_min - zero_point) * scale`` and
+    ``(quant_max - zero_point) * scale``, but values up to half a step beyond
+    an end still round onto it; only past ``end ± scale / 2`` does the clamp
+    change the result. Taught in 01_fake_quant_math.
+
+    >>> clamp_points(0.25, 0, -4, 3)
+    (-1.125, 0.875)
+    """
+    scale, zero_point = float(scale), int(zero_point)
+    return (quant_min - zero_point - 0.5) * scale, (quant_max - zero_point + 0.5) * scale
+
+
 def plot_staircase(x, x_hat, ax=None, title=None, clip=None):
     """Plot ``x_hat`` against ``x`` (the staircase) over the identity line; return ``ax``.
 
-    ``clip=(lo, hi)`` shades where the quantizer saturates. Taught in 01_fake_quant_math.
+    ``clip=(x_lo, x_hi)`` shades where the quantizer saturates (see
+    :func:`clamp_points`). Taught in 01_fake_quant_math.
     """
     ax = _axes(ax)
     x, x_hat = torch.as_tensor(x).detach().reshape(-1), torch.as_tensor(x_hat).detach().reshape(-1)
     order = torch.argsort(x)
     x, x_hat = x[order].numpy(), x_hat[order].numpy()
-    ax.plot(x, x, color="0.7", lw=1, ls="--", label="identity")
+    ax.plot(x, x, color="0.7", lw=1, ls="--", label="identity (no error)")
     ax.plot(x, x_hat, color="C0", lw=1.5, drawstyle="steps-mid", label="fake_quantize(x)")
     if clip is not None:
         lo, hi = clip
-        ax.axvspan(x.min(), lo, color="C3", alpha=0.1, label="clamped")
-        ax.axvspan(hi, x.max(), color="C3", alpha=0.1)
-    ax.set_xlabel("x (float)")
-    ax.set_ylabel("x_hat")
+        ax.axvspan(min(x.min(), lo), lo, color="C3", alpha=0.12, lw=0, label="saturated (clamped)")
+        ax.axvspan(hi, max(x.max(), hi), color="C3", alpha=0.12, lw=0)
+    ax.set_xlabel("input value x")
+    ax.set_ylabel("fake-quantized value")
     ax.set_title(title or "fake-quant staircase")
-    ax.legend(loc="upper left", fontsize=8)
     return ax
 
 
-def plot_quant_error(x, x_hat, scale=None, ax=None, title=None):
-    """Plot the error ``x_hat - x`` against ``x`` (with the ±scale/2 band); return ``ax``."""
+def plot_quant_error(x, x_hat, scale=None, ax=None, title=None, clip=None):
+    """Plot the error ``x_hat - x`` against ``x``; return ``ax``.
+
+    With ``scale``, the band ±scale/2 that rounding stays within is drawn
+    between the clamp points ``clip=(x_lo, x_hi)`` (everywhere when ``clip`` is None).
+    """
     ax = _axes(ax)
     x, x_hat = torch.as_tensor(x).detach().reshape(-1), torch.as_tensor(x_hat).detach().reshape(-1)
     order = torch.argsort(x)
     x, err = x[order].numpy(), (x_hat - x)[order].numpy()
-    ax.plot(x, err, color="C1", lw=1)
+    ax.plot(x, err, color="C1", lw=1, label="error")
+    if clip is not None:
+        lo, hi = clip
+        ax.axvspan(min(x.min(), lo), lo, color="C3", alpha=0.12, lw=0)
+        ax.axvspan(hi, max(x.max(), hi), color="C3", alpha=0.12, lw=0)
     if scale is not None:
         s = float(torch.as_tensor(scale).reshape(-1)[0])
-        ax.axhspan(-s / 2, s / 2, color="C2", alpha=0.15, label="±scale/2")
-        ax.legend(loc="upper left", fontsize=8)
+        lo, hi = clip if clip is not None else (x.min(), x.max())
+        ax.fill_between([lo, hi], -s / 2, s / 2, color="C2", alpha=0.2, lw=0,
+                        label="±scale/2 (rounding only)")
     ax.axhline(0, color="0.6", lw=0.8)
-    ax.set_xlabel("x (float)")
-    ax.set_ylabel("x_hat - x")
+    ax.set_xlabel("input value x")
+    ax.set_ylabel("error: fake-quantized − x")
     ax.set_title(title or "quantization error")
     return ax
 
@@ -439,29 +463,43 @@ def plot_fake_quant(bits=4, min_val=-1.0, max_val=1.0, symmetric=False, axes=Non
     """Staircase and error of a ``bits``-bit signed quantizer calibrated on ``[min_val, max_val]``.
 
     The plain function behind :func:`explore_fake_quant`; returns the two axes.
+    Three things are marked, and they differ: the calibrated range (dotted),
+    the grid's end points (the first and last step) and the clamp points half
+    a step further out, where saturation starts (shaded, :func:`clamp_points`).
     Taught in 01_fake_quant_math.
     """
     import matplotlib.pyplot as plt
 
     if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        _, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     quant_min, quant_max = quant_range(bits)
     scale, zero_point = choose_qparams(min_val, max_val, quant_min, quant_max, symmetric=symmetric)
     x = torch.linspace(-2.5, 2.5, 2001)
     x_hat = fake_quantize(x, scale, zero_point, quant_min, quant_max)
-    lo = float((quant_min - zero_point) * scale)
-    hi = float((quant_max - zero_point) * scale)
+    clip = clamp_points(scale, zero_point, quant_min, quant_max)
+    grid_lo = float((quant_min - zero_point) * scale)
+    grid_hi = float((quant_max - zero_point) * scale)
     inside = (x >= min_val) & (x <= max_val)
     rmse = float((x_hat - x)[inside].pow(2).mean().sqrt())
     scheme = "symmetric" if symmetric else "affine"
-    plot_staircase(x, x_hat, ax=axes[0], clip=(lo, hi),
-                   title=f"{bits}-bit {scheme}: scale={float(scale):.4f}, zp={int(zero_point)}")
-    axes[0].axvline(min_val, color="k", lw=0.8, ls=":")
-    axes[0].axvline(max_val, color="k", lw=0.8, ls=":")
-    plot_quant_error(x, x_hat, scale=scale, ax=axes[1],
+    plot_staircase(x, x_hat, ax=axes[0], clip=clip,
+                   title=f"{bits}-bit {scheme}: scale={float(scale):.4f}, zero_point={int(zero_point)}")
+    axes[0].plot([grid_lo, grid_hi], [grid_lo, grid_hi], "o", color="C0", ms=5,
+                 label="grid ends (first and last code)")
+    plot_quant_error(x, x_hat, scale=scale, ax=axes[1], clip=clip,
                      title=f"error (RMSE on [{min_val:g}, {max_val:g}] = {rmse:.4f})")
+    for ax in axes:
+        ax.axvline(min_val, color="k", lw=0.9, ls=":")
+        ax.axvline(max_val, color="k", lw=0.9, ls=":", label="calibrated range [min_val, max_val]")
     axes[1].set_ylim(-max(0.6, float(scale)), max(0.6, float(scale)))
-    axes[0].figure.tight_layout()
+    handles = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig = axes[0].figure
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     return axes
 
 
@@ -485,9 +523,10 @@ def explore_fake_quant(bits=4, min_val=-0.5, max_val=1.5, symmetric=False):
 
 
 def plot_channel_errors(per_tensor, per_channel, ax=None, ylabel="SQNR (dB)", title=None):
-    """Bars of one value per output channel, per-tensor vs per-channel qparams; return ``ax``.
+    """One marker per output channel, per-tensor vs per-channel qparams; return ``ax``.
 
-    Taught in 01_fake_quant_math (granularity of the scale).
+    The y-axis is fitted to the data (it does not start at zero) and the
+    legend sits outside it. Taught in 01_fake_quant_math (granularity of the scale).
     """
     import numpy as np
 
@@ -495,12 +534,38 @@ def plot_channel_errors(per_tensor, per_channel, ax=None, ylabel="SQNR (dB)", ti
     per_tensor = np.asarray(torch.as_tensor(per_tensor).detach().double())
     per_channel = np.asarray(torch.as_tensor(per_channel).detach().double())
     idx = np.arange(len(per_tensor))
-    ax.bar(idx - 0.2, per_tensor, width=0.4, label="one scale per tensor", color="C3")
-    ax.bar(idx + 0.2, per_channel, width=0.4, label="one scale per channel", color="C0")
+    ax.vlines(idx, per_tensor, per_channel, color="0.75", lw=1)
+    ax.plot(idx, per_tensor, "o", color="C3", ms=4, label="one scale per tensor")
+    ax.plot(idx, per_channel, "o", color="C0", ms=4, label="one scale per channel")
     ax.set_xlabel("output channel")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(ylabel + " (axis not from 0)")
     ax.set_title(title or "weight error per channel")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return ax
+
+
+def plot_channel_gain(range_ratio, gain_db, ax=None, title=None):
+    """Per-channel SQNR gain against ``tensor range / channel range``, with the prediction.
+
+    With one scale per channel, a channel whose largest magnitude is ``r``
+    times smaller than the tensor's gets a step ``r`` times finer, so its
+    rounding-noise power falls by ``r**2``: a gain of ``20 log10(r)`` dB
+    (the dashed line). Taught in 01_fake_quant_math.
+    """
+    import numpy as np
+
+    ax = _axes(ax, figsize=(6.5, 3.6))
+    r = np.asarray(torch.as_tensor(range_ratio).detach().double())
+    g = np.asarray(torch.as_tensor(gain_db).detach().double())
+    line = np.linspace(1.0, max(float(r.max()), 1.05), 50)
+    ax.plot(line, 20 * np.log10(line), color="0.4", ls="--", lw=1,
+            label="predicted: 20·log10(ratio)")
+    ax.plot(r, g, "o", color="C0", ms=5, label="measured, one dot per channel")
+    ax.axhline(0, color="0.8", lw=0.8)
+    ax.set_xlabel("tensor's max |w| / channel's max |w|")
+    ax.set_ylabel("SQNR gain of per-channel (dB)")
+    ax.set_title(title or "per-channel gain follows the channel's range")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return ax
 
 

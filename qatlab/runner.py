@@ -3,8 +3,11 @@
 ``python -m qatlab.runner [--only 00 03] [-p name value ...]``
 
 - executes ``notebooks/*.ipynb`` in order with papermill into ``build/executed/``;
-- renders each executed notebook to ``build/html/<stem>.html`` and writes
-  ``build/html/index.html`` (see :mod:`qatlab.site`);
+- removes the progress bars from the saved outputs (:func:`strip_progress_bars`: a
+  tqdm bar is a widget, and without a live kernel only its first frame, ``0%|``, is left);
+- renders each executed notebook to ``build/html/<stem>.html``, ``notebooks/glossary.md``
+  to ``build/html/glossary.html``, and writes ``build/html/index.html``; the site works
+  offline (see :mod:`qatlab.site`);
 - merges ``build/results/<stem>.json`` into ``build/results.json`` as
   ``{"<stem>": {"<metric>": value, ..., "seconds": wall time}}``;
 - prints a results table, and exits 1 if any notebook failed (the others still run).
@@ -12,10 +15,12 @@
 
 import argparse
 import json
+import re
 import sys
 import time
 
 from .files import atomic_path, build_dir, repo_root
+from .site import render_glossary, render_notebook_html, write_index
 
 
 def execute(notebook, out_dir, parameters):
@@ -28,14 +33,54 @@ def execute(notebook, out_dir, parameters):
     return out, time.time() - start
 
 
-def render_html(executed, html_dir):
-    import nbformat
-    from nbconvert import HTMLExporter
+_TQDM = re.compile(r"\d+%\|")
 
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
-    path = html_dir / f"{executed.stem}.html"
-    with atomic_path(path) as tmp:
-        tmp.write_text(body, encoding="utf-8")
+
+def _is_progress_bar(output):
+    """A tqdm bar: a widget whose text repr is ``desc:  0%|...``, or a stderr stream of
+    carriage-return-separated bar frames."""
+    if output.get("output_type") == "display_data":
+        data = output.get("data", {})
+        return ("application/vnd.jupyter.widget-view+json" in data
+                and bool(_TQDM.search(str(data.get("text/plain", "")))))
+    if output.get("output_type") == "stream" and output.get("name") == "stderr":
+        frames = [f for f in re.split(r"[\r\n]+", output.get("text", "")) if f.strip()]
+        return bool(frames) and all(_TQDM.search(f) for f in frames)
+    return False
+
+
+def strip_progress_bars(nb):
+    """Remove tqdm progress-bar outputs from the nbformat notebook ``nb`` (in place);
+    return how many were removed.
+
+    >>> import nbformat
+    >>> cell = nbformat.v4.new_code_cell("train()", outputs=[
+    ...     nbformat.v4.new_output("display_data", data={
+    ...         "text/plain": "epoch 1/8:   0%|          | 0/63 [00:00<?, ?it/s]",
+    ...         "application/vnd.jupyter.widget-view+json": {"model_id": "abc"}}),
+    ...     nbformat.v4.new_output("stream", name="stdout", text="trained in 7.5 s\\n")])
+    >>> nb = nbformat.v4.new_notebook(cells=[cell])
+    >>> strip_progress_bars(nb), [o.output_type for o in nb.cells[0].outputs]
+    (1, ['stream'])
+    """
+    removed = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        kept = [o for o in cell.outputs if not _is_progress_bar(o)]
+        removed += len(cell.outputs) - len(kept)
+        cell.outputs = kept
+    return removed
+
+
+def clean_executed(path):
+    """Strip progress bars from the executed notebook at ``path``, rewriting it atomically."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    if strip_progress_bars(nb):
+        with atomic_path(path) as tmp:
+            nbformat.write(nb, tmp)
     return path
 
 
@@ -100,14 +145,13 @@ def main(argv=None):
             print(f"    FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                   f"\n    see {out}", flush=True)
         if out.exists():
-            render_html(out, html_dir)
+            clean_executed(out)
+            render_notebook_html(out, html_dir)
     merged = merge_results(build, [nb.stem for nb in notebooks], seconds)
-    try:
-        from .site import write_index
-
-        write_index(html_dir, merged, repo_root() / "notebooks")
-    except ImportError:  # qatlab.site not present
-        pass
+    glossary = repo_root() / "notebooks" / "glossary.md"
+    if glossary.exists():
+        render_glossary(glossary, html_dir)
+    write_index(html_dir, merged, repo_root() / "notebooks")
     print()
     print(format_table(merged))
     print(f"\nresults: {build / 'results.json'}\nhtml:    {html_dir / 'index.html'}")

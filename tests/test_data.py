@@ -86,3 +86,26 @@ def test_loaders_shuffle_reproducibly_and_reject_bad_batch_size():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="batch_size.*0"):
         d.loaders(batch_size=0)
+
+
+def test_sample_grid_shows_every_class_although_the_split_is_sorted():
+    data = qatlab.load_dataset("mnist5k")
+    assert torch.equal(data.y_train[:30], torch.zeros(30, dtype=torch.long))  # why it matters
+    idx = qdata.sample_indices(data.y_train, 30, seed=0)
+    assert len(set(idx)) == 30
+    assert torch.bincount(data.y_train[idx], minlength=10).tolist() == [3] * 10
+    assert idx != qdata.sample_indices(data.y_train, 30, seed=1)  # random within each class
+
+
+def test_plot_samples_titles_the_sample(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ax = qdata.plot_samples(qatlab.load_dataset("mnist5k"), n=20, split="test")
+    assert ax.get_title() == "mnist5k: 20 random test images, 2 per class"
+    assert sorted(t.get_text() for t in ax.texts) == sorted([str(c) for c in range(10)] * 2)
+    plt.close("all")
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        qdata.plot_samples(qatlab.load_dataset("mnist5k"), split="val")

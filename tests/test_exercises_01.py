@@ -32,6 +32,20 @@ def test_check_quantize_hints(wrong, hint):
     assert "element [" in str(err.value) and "should be" in str(err.value)
 
 
+def test_check_quantize_rejects_float_codes():
+    # right values, wrong type: the exercise asks for integer codes
+    float_codes = lambda x, s, z, lo, hi: (torch.round(x / s) + z).clamp(lo, hi)
+    with pytest.raises(ExerciseError, match=r"values are right, but your quantize returns dtype "
+                                            r"torch.float32: .*integer tensor"):
+        check_quantize(float_codes)
+
+
+def test_check_quantize_uint8_codes_wrap_negative_values():
+    wrapped = lambda x, s, z, lo, hi: (torch.round(x / s) + z).clamp(lo, hi).to(torch.uint8)
+    with pytest.raises(ExerciseError, match=r"cast to torch.uint8, which wraps negative codes"):
+        check_quantize(wrapped)
+
+
 def test_check_quantize_tie_hint_names_the_element():
     wrong = lambda x, s, z, lo, hi: (torch.floor(x / s + 0.5) + z).clamp(lo, hi)
     # the first tie: x = 0.25, x/scale = 0.5 -> half to even gives 0, floor(+0.5) gives 1
@@ -73,6 +87,31 @@ def unrounded_zero_point(x, quant_min, quant_max):
 def wrong_sign(x, quant_min, quant_max):
     scale, _ = qparams_right(x, quant_min, quant_max)
     return scale, quant_min + round(min(x.min().item(), 0.0) / scale)
+
+
+def forgets_quant_min(x, quant_min, quant_max):
+    scale, _ = qparams_right(x, quant_min, quant_max)
+    return scale, -round(min(x.min().item(), 0.0) / scale)
+
+
+def forgets_quant_min_then_clamps(x, quant_min, quant_max):
+    scale, zero_point = forgets_quant_min(x, quant_min, quant_max)
+    return scale, max(quant_min, min(quant_max, zero_point))
+
+
+def test_forgetting_quant_min_is_named_not_clamped():
+    # all-negative int8 data: -round(lo/scale) = 255, outside the range; the hint must not say "clamp"
+    with pytest.raises(ExerciseError, match=r"all negative, signed range .* zero_point is 255 but "
+                                            r"should be 127: quant_min is missing") as err:
+        check_choose_qparams(forgets_quant_min)
+    assert "clamp it" not in str(err.value)
+
+
+def test_clamping_does_not_hide_a_missing_quant_min():
+    # clamping 255 to 127 happens to be right on all-negative data; mixed-sign int8 data exposes it
+    with pytest.raises(ExerciseError, match=r"mixed signs, signed range .* zero_point is 85 but "
+                                            r"should be -43: quant_min is missing.* = -43"):
+        check_choose_qparams(forgets_quant_min_then_clamps)
 
 
 @pytest.mark.parametrize("wrong, hint", [

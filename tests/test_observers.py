@@ -253,6 +253,9 @@ def test_calibration_sweep_runs_eager_ptq():
     assert model.training is False and not hasattr(model, "qconfig")  # the input is untouched
     with pytest.raises(ValueError, match="sizes"):
         ob.calibration_sweep(model, qconfig, batches, [3], test)
+    accs2, correct = ob.calibration_sweep(model, qconfig, batches, [1, 2], test, return_correct=True)
+    assert accs2 == accs and correct[2].dtype == torch.bool and correct[2].shape == (8,)
+    assert accs[2] == 100.0 * correct[2].float().mean().item()
 
 
 def test_plots_return_axes():
@@ -265,7 +268,16 @@ def test_plots_return_axes():
     ax = ob.explore_observer(x, "percentile", outlier=30.0)
     assert "SQNR=" in ax.get_title()
     ax = ob.plot_calibration_sweep({"minmax": {1: 90.0, 2: 95.0}}, fp32_acc=98.0)
-    assert ax.get_xlabel() == "calibration batches"
+    assert ax.get_xlabel() == "calibration batches (log scale)"
+    # with the test-set size: error bars, the fp32 ± 2 SE band, and a title computed from them
+    ax = ob.plot_calibration_sweep({"minmax": {1: 97.9, 2: 98.2}}, fp32_acc=98.0, n_test=1000)
+    assert ax.get_title() == "every int8 accuracy within 2 SE of fp32"
+    lo, hi = ax.get_ylim()
+    assert lo < 98.0 - 2 * 0.44 and hi > 98.0 + 2 * 0.44  # the band is visible, noise looks like noise
+    ax = ob.plot_calibration_sweep({"minmax": {1: 90.0, 2: 98.0}}, fp32_acc=98.0, n_test=1000)
+    assert ax.get_title() == "some int8 accuracies outside 2 SE of fp32"
+    ax = ob.plot_weight_sqnr({"conv1": 40.0, "fc": 38.0}, {"conv1": 43.0, "fc": 41.5})
+    assert [t.get_text() for t in ax.texts] == ["+3.0 dB", "+3.5 dB"]
     ax = ob.plot_running_range({"minmax": ([0, 0], [1, 2])})
     assert len(ax.get_lines()) == 2
     with pytest.raises(ValueError, match="per-tensor observer"):

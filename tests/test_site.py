@@ -124,3 +124,63 @@ def test_every_notebook_has_a_heading_and_a_summary_for_the_index(path):
     assert re.match(r"\d\d · \S", title), f"{path.name}: first markdown cell must start with '# NN · Title', got {title!r}"
     assert title.startswith(path.name[:2]), f"{path.name}: heading number {title[:2]!r} differs from the file name"
     assert summary, f"{path.name}: no italic *one-line summary* right after the heading"
+
+
+def test_index_renders_markdown_in_summaries_and_links_the_glossary(tmp_path):
+    nbs, html_dir = tmp_path / "notebooks", tmp_path / "html"
+    nbs.mkdir()
+    html_dir.mkdir()
+    write_nb(nbs, "05_deployment", "# 05 · Deployment\n*An ExecuTorch `.pte` and **int8** <fast>.*")
+    path = write_index(html_dir, {}, nbs)
+    text = path.read_text(encoding="utf-8")
+    assert "An ExecuTorch <code>.pte</code> and <strong>int8</strong> &lt;fast&gt;." in text
+    assert "`" not in text.split("<body>")[1]  # no raw Markdown backticks on the page
+    assert "glossary.html" not in text  # no glossary page yet: no dead link
+    (html_dir / "glossary.html").write_text("<html></html>")
+    parsed = Collect()
+    parsed.feed(write_index(html_dir, {}, nbs).read_text(encoding="utf-8"))
+    assert "glossary.html" in parsed.links
+
+
+def test_glossary_page_keeps_anchors_and_rewrites_links(tmp_path):
+    from qatlab.site import render_glossary
+
+    md = tmp_path / "glossary.md"
+    md.write_text('<a id="ptq"></a>\n## PTQ\n\nSee [QAT](#qat), taught in [04](04_qat_training.ipynb).\n\n'
+                  '<a id="qat"></a>\n## QAT\n', encoding="utf-8")
+    text = render_glossary(md, tmp_path).read_text(encoding="utf-8")
+    assert '<a id="ptq"></a>' in text and '<a id="qat"></a>' in text
+    assert 'href="04_qat_training.html"' in text and 'href="#qat"' in text
+    parsed = Collect()
+    parsed.feed(text)
+    assert parsed.srcs == []
+
+
+def test_the_real_glossary_has_every_anchor_other_notebooks_link_to():
+    ids = re.findall(r'<a id="([^"]+)"></a>', (ROOT / "notebooks" / "glossary.md").read_text())
+    assert ids == ["ptq", "qat", "fake-quant", "observer", "qparams", "per-tensor-per-channel", "pt2e",
+                   "executorch", "xnnpack", "delegate", "lowering", "qdq", "requantization",
+                   "reduce-range", "vnni", "lsq", "iqr", "sqnr", "ste", "group-wise", "per-token",
+                   "ddp", "mcnemar"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_glossary_links_in_notebooks_point_at_existing_anchors(path):
+    ids = set(re.findall(r'<a id="([^"]+)"></a>', (ROOT / "notebooks" / "glossary.md").read_text()))
+    nb = nbformat.read(path, as_version=4)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown":
+            for anchor in re.findall(r"\]\(glossary\.md#([^)\s]+)\)", cell.source):
+                assert anchor in ids, f"{path.name} cell {i}: glossary.md#{anchor} has no anchor"
+
+
+def test_glossary_links_to_notebooks_resolve():
+    text = (ROOT / "notebooks" / "glossary.md").read_text()
+    targets = sorted(set(re.findall(r"\]\((\d\d_[\w-]+\.ipynb)\)", text)))
+    assert targets
+    missing = [t for t in targets if not (ROOT / "notebooks" / t).exists()]
+    # notebooks 06-09 are written alongside this glossary: report, don't hide, what is not there yet
+    present = [t for t in missing if int(t[:2]) <= 5]
+    assert not present, f"glossary links to missing notebooks: {present}"
+    if missing:
+        pytest.skip(f"glossary links to notebooks not in this checkout yet: {missing}")

@@ -71,6 +71,9 @@ def _quantize_diagnosis(x, scale, zp, qmin, qmax, got):
          "the zero-point is subtracted; quantize ADDS it: q = round(x/scale) + zero_point"),
         (clamp(torch.round(x * scale) + zp),
          "x is multiplied by scale; quantize DIVIDES by it: q = round(x/scale) + zero_point"),
+        (clamp(torch.round(v) + zp).to(torch.uint8).double(),
+         "the codes were cast to torch.uint8, which wraps negative codes around (-1 becomes 255): "
+         "a signed range needs a signed dtype such as torch.int32"),
     ]
     for alt, hint in candidates:
         if _same(got, alt):
@@ -84,6 +87,7 @@ def check_quantize(fn):
     Passes when it equals ``qatlab.quantize`` (i.e. torch's
     ``quantize_per_tensor(...).int_repr()``) on cases with ties and clamping.
     """
+    wrong_dtype = None
     for x, scale, zp, qmin, qmax in _quantize_cases():
         got = _as_tensor(fn(x.clone(), scale, zp, qmin, qmax), "your quantize")
         want = _quantize_reference(x, scale, zp, qmin, qmax)
@@ -95,6 +99,8 @@ def check_quantize(fn):
                                 f"{want.reshape(-1)[i].item()}: did you forget to round?")
         i = _first_diff(got, want)
         if i is None:
+            if got.is_floating_point() or got.dtype == torch.bool:
+                wrong_dtype = got.dtype
             continue
         xi = x.reshape(-1)[i].item()
         head = (f"with scale={scale}, zero_point={zp}, range [{qmin}, {qmax}]: element [{i}] "
@@ -102,6 +108,11 @@ def check_quantize(fn):
                 f"be {want.reshape(-1)[i].item()}")
         hint = _quantize_diagnosis(x, scale, zp, qmin, qmax, got.double())
         raise ExerciseError(head + (f": {hint}" if hint else ""))
+    if wrong_dtype is not None:  # every value right, but not integer codes
+        raise ExerciseError(
+            f"the values are right, but your quantize returns dtype {wrong_dtype}: the codes "
+            f"are integers, and an int8 kernel reads them as integers. Return an integer "
+            f"tensor, e.g. .to(torch.int32) after clamping")
     return passed("quantize")
 
 
@@ -115,6 +126,8 @@ def _qparams_cases():
         ("mixed signs", torch.randn(200, generator=g) * 1.5 + 0.3, 0, 255),
         ("all positive (like ReLU outputs)", torch.rand(200, generator=g) * 4 + 1, 0, 255),
         ("all negative, signed range", -torch.rand(200, generator=g) * 3 - 0.5, -128, 127),
+        # lo / scale = -85 here: torch's zero-point is -128 + 85 = -43; forgetting quant_min gives 85
+        ("mixed signs, signed range", torch.linspace(-1.0, 2.0, 200), -128, 127),
     ]
 
 
@@ -153,9 +166,17 @@ def check_choose_qparams(fn):
             raise ExerciseError(f"{where}: zero_point is {zp:.6g}, which is not an integer: "
                                 f"round it, so that the real value 0 maps to an exact integer")
         if zp != ref_zp:
-            if zp == qmin + round(lo / ref_scale) or zp == -(qmin - round(min(lo, 0) / ref_scale)):
+            lo0 = min(lo, 0.0)
+            unclamped = qmin - round(lo0 / ref_scale)
+            no_qmin = -round(lo0 / ref_scale)
+            if zp in (no_qmin, min(max(no_qmin, qmin), qmax)) and qmin != 0:
+                why = (f"quant_min is missing: -round(min / scale) = {no_qmin} is right only for a "
+                       f"range that starts at 0. The zero-point is the code that 0.0 maps to, "
+                       f"counted from quant_min: zero_point = quant_min - round(min(x.min(), 0) / "
+                       f"scale) = {qmin} - ({round(lo0 / ref_scale)}) = {unclamped}")
+            elif zp == qmin + round(lo / ref_scale) or zp == -(qmin - round(lo0 / ref_scale)):
                 why = "check the sign: zero_point = quant_min - round(min(x.min(), 0) / scale)"
-            elif zp < qmin or zp > qmax:
+            elif (zp < qmin or zp > qmax) and zp == unclamped:
                 why = f"it is outside [{qmin}, {qmax}]: clamp it"
             else:
                 why = "zero_point = quant_min - round(min(x.min(), 0) / scale)"
