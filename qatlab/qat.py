@@ -32,6 +32,8 @@ from torch import nn
 BITS_MIN, BITS_MAX = 2, 8
 Observer = Literal["moving_average", "minmax", "histogram"]
 _OBSERVERS = ("moving_average", "minmax", "histogram")
+Granularity = Literal["per_channel", "per_tensor"]
+_GRANULARITIES = ("per_channel", "per_tensor")
 
 
 def _check_bits(bits, what="bits"):
@@ -70,16 +72,20 @@ def activation_qrange(bits, reduce_range=False):
 
 
 def make_qconfig(weight_bits=8, activation_bits=8, *, fake_quant=True,
-                 observer: Observer = "moving_average", reduce_range=True):
+                 observer: Observer = "moving_average", reduce_range=True,
+                 weight_granularity: Granularity = "per_channel"):
     """An eager-mode ``QConfig`` for ``weight_bits``-bit weights and ``activation_bits``-bit activations.
 
     Weights are per-channel symmetric (``qint8`` containers), activations per-tensor
-    affine (``quint8``), as in torch's x86 default. ``fake_quant=True`` gives
+    affine (``quint8``), as in torch's x86 default. ``weight_granularity="per_tensor"``
+    gives one symmetric scale for the whole weight tensor instead of one per output
+    channel, ``scale = max|w| / ((qmax - qmin) / 2)`` as torch computes it (taught in
+    06_when_qat_pays_off, where it breaks a depthwise-separable net). ``fake_quant=True`` gives
     FakeQuantize modules (for ``prepare_qat``, or fake-quant PTQ);
     ``fake_quant=False`` gives bare observers (for ``prepare`` → ``convert`` PTQ).
     ``observer`` picks how activation ranges are measured: ``"moving_average"``
     (QAT), ``"minmax"`` or ``"histogram"`` (PTQ calibration). Weights use a
-    per-channel min/max observer (moving average for ``"moving_average"``).
+    min/max observer of their granularity (moving average for ``"moving_average"``).
 
     With the defaults it matches ``torch.ao.quantization.get_default_qat_qconfig("x86")``:
 
@@ -94,6 +100,12 @@ def make_qconfig(weight_bits=8, activation_bits=8, *, fake_quant=True,
     Traceback (most recent call last):
     ...
     ValueError: weight bits must be an int in 2..8, got 9
+    >>> make_qconfig(4, 8, weight_granularity="per_tensor").weight().qscheme
+    torch.per_tensor_symmetric
+    >>> make_qconfig(weight_granularity="per_row")
+    Traceback (most recent call last):
+    ...
+    ValueError: weight_granularity must be one of per_channel, per_tensor, got 'per_row'
 
     Taught in 04_qat_training.
     """
@@ -113,14 +125,22 @@ def make_qconfig(weight_bits=8, activation_bits=8, *, fake_quant=True,
         raise ValueError(f"observer must be one of {', '.join(_OBSERVERS)}, got {observer!r}")
     if not isinstance(fake_quant, bool):
         raise TypeError(f"fake_quant must be a bool, got {fake_quant!r}")
+    if weight_granularity not in _GRANULARITIES:
+        raise ValueError(f"weight_granularity must be one of {', '.join(_GRANULARITIES)}, "
+                         f"got {weight_granularity!r}")
     act_obs = {"moving_average": MovingAverageMinMaxObserver, "minmax": MinMaxObserver,
                "histogram": HistogramObserver}[observer]
-    w_obs = MovingAveragePerChannelMinMaxObserver if observer == "moving_average" \
-        else PerChannelMinMaxObserver
     act_args = dict(quant_min=amin, quant_max=amax, dtype=torch.quint8,
                     qscheme=torch.per_tensor_affine)
-    w_args = dict(quant_min=wmin, quant_max=wmax, dtype=torch.qint8,
-                  qscheme=torch.per_channel_symmetric, ch_axis=0)
+    if weight_granularity == "per_channel":
+        w_obs = MovingAveragePerChannelMinMaxObserver if observer == "moving_average" \
+            else PerChannelMinMaxObserver
+        w_args = dict(quant_min=wmin, quant_max=wmax, dtype=torch.qint8,
+                      qscheme=torch.per_channel_symmetric, ch_axis=0)
+    else:
+        w_obs = MovingAverageMinMaxObserver if observer == "moving_average" else MinMaxObserver
+        w_args = dict(quant_min=wmin, quant_max=wmax, dtype=torch.qint8,
+                      qscheme=torch.per_tensor_symmetric)
     if not fake_quant:
         return QConfig(activation=act_obs.with_args(**act_args), weight=w_obs.with_args(**w_args))
     fq = FusedMovingAvgObsFakeQuantize if observer == "moving_average" else FakeQuantize
