@@ -15,7 +15,7 @@ Where each name is taught:
 - 05_deployment: ``qatlab.deploy``
 - 06_when_qat_pays_off: ``TinyMobileNet``, ``qatlab.sensitivity``
 - 07_qat_transformers: ``TinyViT``, ``qatlab.groupwise``
-- 08_qat_at_scale: ``qatlab.train_qat`` (``python -m qatlab.train_qat``)
+- 08_qat_at_scale: ``qatlab.train_qat`` (``python -m qatlab.train_qat``), ``qatlab.distributed``
 - 09_integer_kernels: ``qatlab.integer``
 """
 
@@ -62,7 +62,7 @@ _EXPORTS = {
 }
 
 # submodules reachable as qatlab.<name> without importing them first
-_SUBMODULES = {"baseline", "data", "deploy", "exercises", "files", "fusion", "groupwise", "integer",
+_SUBMODULES = {"baseline", "data", "deploy", "distributed", "exercises", "files", "fusion", "groupwise", "integer",
                "models", "noise", "observers", "qat", "quant", "results", "runner", "sensitivity", "site", "stats",
                "student", "train_qat", "training"}
 
