@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qatlab import observers as obs
-from qatlab.exercises import ExerciseError, check_choose_observer, check_minmax_observer
+from qatlab.exercises import ExerciseError, check_choose_observer, check_minmax_observer, ex02
 
 
 class Right(torch.nn.Module):
@@ -84,47 +84,111 @@ def test_batch_only_hint_names_the_running_max():
         check_minmax_observer(BatchOnly)
 
 
+class NoDetach(Right):  # buffers computed from x itself: they record autograd history
+    def forward(self, x):
+        self.min_val = torch.min(self.min_val, x.min())
+        self.max_val = torch.max(self.max_val, x.max())
+        return x
+
+
+class ReturnsDetached(Right):  # cuts the gradient that QAT needs to flow through
+    def forward(self, x):
+        super().forward(x)
+        return x.detach()
+
+
+class NoEpsFloor(Right):
+    def calculate_qparams(self):
+        lo, hi = torch.clamp(self.min_val, max=0.0), torch.clamp(self.max_val, min=0.0)
+        scale = (hi - lo) / 255.0
+        zp = torch.clamp(-torch.round(lo / scale), 0, 255).to(torch.int32)
+        return scale.reshape(1), zp.reshape(1)
+
+
+class ZeroDim(Right):  # scalars instead of torch's shape-(1,) tensors
+    def calculate_qparams(self):
+        scale, zp = super().calculate_qparams()
+        return scale.reshape(()), zp.reshape(())
+
+
+class FloatZeroPoint(Right):
+    def calculate_qparams(self):
+        scale, zp = super().calculate_qparams()
+        return scale, zp.float()
+
+
+@pytest.mark.parametrize("cls, hint", [
+    (NoDetach, r"min_val carries autograd history \(requires_grad=True\).*observe x.detach\(\)"),
+    (ReturnsDetached, r"return x itself, not x.detach\(\)"),
+    (NoEpsFloor, r"scale on all-zero batches \(a dead ReLU channel\) is 0: .*zero-point becomes "
+                 r"-2147483648. Floor the scale at torch.finfo\(torch.float32\).eps"),
+    (ZeroDim, r"tensors of shape \(1,\).*scale is \(\): use .reshape\(1\)"),
+    (FloatZeroPoint, r"zero_point on mixed-sign batches has dtype torch.float32"),
+])
+def test_minmax_observer_leaks_are_closed(cls, hint):
+    with pytest.raises(ExerciseError, match=hint):
+        check_minmax_observer(cls)
+
+
+# --- choose_observer: a rule that decides from calibration data alone -------------------
+
+def _acts(g, n=50_000):
+    """ReLU-like activations with a long (log-normal) tail."""
+    return torch.relu(torch.randn(n, generator=g)) * torch.exp(0.5 * torch.randn(n, generator=g))
+
+
 @pytest.fixture(scope="module")
-def spiky():
+def cases():
     g = torch.Generator().manual_seed(0)
-    x_eval = torch.relu(torch.randn(20_000, generator=g))
-    x_calib = torch.relu(torch.randn(20_000, generator=g))
-    x_calib[:3] = 20 * float(x_calib.max())
-    return x_calib, x_eval
+    clean_calib, clean_eval = _acts(g), _acts(g)
+    spiky_calib, spiky_eval = _acts(g), _acts(g)
+    spiky_calib[:2] = 20 * float(spiky_calib.max())  # 2 corrupted values in 50,000
+    return {"clean": (clean_calib, clean_eval), "two spikes": (spiky_calib, spiky_eval)}
 
 
-def _measure(x_calib, x_eval):
-    return {n: obs.measure_quantization_error(obs.calibrate(obs.make_observer(n), x_calib),
-                                              x_eval)["sqnr_db"]
-            for n in ("minmax", "histogram", "percentile")}
+def rule_right(x_calib):
+    """Percentile when the max sits far above the bulk of the values, else MinMax."""
+    top = torch.quantile(x_calib.reshape(-1).float(), 0.999)
+    return "percentile" if x_calib.max() > 3 * top else "minmax"
 
 
-def test_choose_observer_right_answer_passes(spiky):
-    sqnrs = _measure(*spiky)
-    best = max(sqnrs, key=sqnrs.get)
-    assert best != "minmax"  # the spikes make MinMax the worst choice here
-    assert check_choose_observer(best, sqnrs, *spiky)
+def rule_by_calibration_sqnr(x_calib):
+    """The transcription answer: score each observer on the calibration tensor itself."""
+    sq = {n: obs.measure_quantization_error(obs.calibrate(obs.make_observer(n), x_calib),
+                                            x_calib)["sqnr_db"]
+          for n in ("minmax", "histogram", "percentile")}
+    return max(sq, key=sq.get)
 
 
-def test_choose_observer_wrong_choice(spiky):
-    sqnrs = _measure(*spiky)
-    with pytest.raises(ExerciseError, match=r"you chose 'minmax' \(.* dB\), but your own numbers "
-                                            r"say '(histogram|percentile)' is .* dB better"):
-        check_choose_observer("minmax", sqnrs, *spiky)
+def test_choose_observer_cases_separate_the_observers(cases):
+    """The cases are only a test if no single observer is right on both."""
+    best = {label: max(s := ex02.reference_sqnrs(*xs), key=s.get) for label, xs in cases.items()}
+    assert best == {"clean": "minmax", "two spikes": "percentile"}
 
 
-def test_choose_observer_swapped_calibration_and_evaluation(spiky):
-    x_calib, x_eval = spiky
-    sqnrs = _measure(x_eval, x_calib)  # calibrated on the clean data, measured on the spiky one
-    with pytest.raises(ExerciseError, match="you swapped them"):
-        check_choose_observer("percentile", sqnrs, x_calib, x_eval)
+def test_choose_observer_right_rule_passes(cases):
+    assert check_choose_observer(rule_right, cases)
 
 
-def test_choose_observer_missing_and_wrong_numbers(spiky):
-    sqnrs = _measure(*spiky)
-    with pytest.raises(ExerciseError, match=r"no entry for \['histogram'\]"):
-        check_choose_observer("percentile", {k: v for k, v in sqnrs.items() if k != "histogram"},
-                              *spiky)
-    wrong = dict(sqnrs, minmax=sqnrs["minmax"] + 3.0)
-    with pytest.raises(ExerciseError, match=r"sqnrs\['minmax'\] is .* dB but should be .* dB"):
-        check_choose_observer("percentile", wrong, *spiky)
+@pytest.mark.parametrize("rule, hint", [
+    (lambda x: "percentile", r"on clean: you chose 'percentile', .* nothing here looks like an "
+                             r"outlier .* clips real values"),
+    (lambda x: "minmax", r"on two spikes: you chose 'minmax', which reaches .* dB on the held-out "
+                         r"batch, but 'percentile' reaches .* the calibration max is \d+x the "
+                         r"99.9th percentile"),
+    (lambda x: "histogram", r"on two spikes: you chose 'histogram'"),
+    (rule_by_calibration_sqnr, r"Scoring the observers on the calibration tensor itself does "
+                               r"not work"),
+    (lambda x: "moving_average", r"on clean: choose_observer returned 'moving_average'; return "
+                                 r"one of \['minmax', 'histogram', 'percentile'\]"),
+])
+def test_choose_observer_wrong_rules_get_hints(cases, rule, hint):
+    with pytest.raises(ExerciseError, match=hint):
+        check_choose_observer(rule, cases)
+
+
+def test_choose_observer_rejects_a_value_instead_of_the_function(cases):
+    with pytest.raises(ExerciseError, match="pass your function itself"):
+        check_choose_observer("percentile", cases)
+    with pytest.raises(ValueError, match="non-empty dict"):
+        check_choose_observer(rule_right, {})

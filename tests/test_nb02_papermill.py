@@ -10,5 +10,6 @@ def test_nb02_observers_runs_with_other_parameters(run_notebook):
     for name in ("ptq_int8_acc_minmax", "ptq_int8_acc_histogram"):
         assert 90 < results[name] <= 100, (name, results[name])
     assert results["ptq_int8_acc_per_tensor_weights"] > 80
+    assert 90 < results["ptq_int8_acc_minmax_8bit_activations"] <= 100
     assert 0 < results["outlier_sqnr_db_minmax"] < results["outlier_sqnr_db_best"] < 80
     assert results["outlier_sqnr_db_best"] > results["outlier_sqnr_db_minmax"] + 3
