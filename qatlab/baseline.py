@@ -27,8 +27,8 @@ RECIPES = {
     "tinymobilenet": {"cls": "TinyMobileNet", "file": "tinymobilenet.pt",
                       "notebook": "06_when_qat_pays_off", "dataset": "mnist5k",
                       "epochs": 8, "lr": 1e-2, "batch_size": 64, "schedule": "onecycle", "seed": 0},
-    "tinyvit": {"cls": "TinyViT", "file": "tinyvit.pt", "notebook": "07_qat_transformers", "dataset": "mnist5k", "epochs": 10,
-                "lr": 2e-3, "batch_size": 64, "schedule": "onecycle", "seed": 0},
+    "tinyvit": {"cls": "TinyViT", "file": "tinyvit.pt", "notebook": "07_qat_transformers", "dataset": "mnist5k", "epochs": 8,
+                "lr": 5e-3, "batch_size": 64, "schedule": "onecycle", "seed": 0},
 }
 _NOT_RECIPE = ("cls", "file", "notebook")
 RECIPE = {k: v for k, v in RECIPES["smallcnn"].items() if k not in _NOT_RECIPE}

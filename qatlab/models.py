@@ -164,9 +164,13 @@ class TinyMobileNet(nn.Module):
 class Block(nn.Module):
     """A pre-norm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``.
 
-    Attention is written with explicit ``nn.Linear`` layers (``qkv``, ``proj``)
-    instead of ``nn.MultiheadAttention``, whose input projection is a bare
-    parameter that torchao's ``quantize_`` does not see.
+    Every weight lives in an explicit ``nn.Linear`` (``qkv``, ``proj``, ``fc1``,
+    ``fc2``), which is what torchao's ``quantize_`` swaps; ``nn.MultiheadAttention``
+    keeps its input projection in a bare parameter that ``quantize_`` does not
+    see. Attention is written out as two ``torch.bmm`` and a softmax (rather
+    than ``F.scaled_dot_product_attention``, whose exported graph carries
+    masking ops XNNPACK does not take), so ExecuTorch can delegate all of it.
+    Taught in 07_qat_transformers.
     """
 
     def __init__(self, dim, heads, mlp_ratio=2):
@@ -184,26 +188,35 @@ class Block(nn.Module):
 
     def forward(self, x):
         b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = nn.functional.scaled_dot_product_attention(q, k, v)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        h, dh = self.heads, d // self.heads
+
+        def split_heads(z):  # (b, t, d) -> (b * heads, t, d / heads)
+            return z.reshape(b, t, h, dh).permute(0, 2, 1, 3).reshape(b * h, t, dh)
+
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        scores = torch.bmm(split_heads(q), split_heads(k).transpose(1, 2)) * dh ** -0.5
+        a = torch.bmm(scores.softmax(dim=-1), split_heads(v))
+        x = x + self.proj(a.reshape(b, h, t, dh).permute(0, 2, 1, 3).reshape(b, t, d))
         return x + self.fc2(self.act(self.fc1(self.ln2(x))))
 
 
 class TinyViT(nn.Module):
     """A ~72k-parameter vision transformer for 1×28×28 digits.
 
-    4×4 patches → 49 tokens → ``Linear`` patch embedding (16 → ``dim``) plus a
+    7×7 patches → 16 tokens → ``Linear`` patch embedding (49 → ``dim``) plus a
     learned position embedding → ``depth`` pre-norm blocks → LayerNorm → mean
-    over tokens → ``Linear`` head. Every matmul is an ``nn.Linear``.
-    Taught in 07_qat_transformers.
+    over tokens → ``Linear`` head. Every matmul with a weight is an
+    ``nn.Linear``; the patch embedding's ``in_features`` (49) is deliberately
+    not a multiple of the usual group sizes. Taught in 07_qat_transformers.
 
     >>> model = TinyViT()
     >>> model(*model.example_inputs()).shape
     torch.Size([1, 10])
+    >>> sum(p.numel() for p in model.parameters()), model.embed.in_features
+    (71946, 49)
     """
 
-    def __init__(self, in_channels=1, num_classes=10, input_size=28, patch=4, dim=64, depth=2,
+    def __init__(self, in_channels=1, num_classes=10, input_size=28, patch=7, dim=64, depth=2,
                  heads=4, mlp_ratio=2):
         super().__init__()
         if input_size % patch:
