@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.qatlab-setup
 OFFLINE := scripts/offline
 
-.PHONY: setup run test test-fast lint lab student clean
+.PHONY: setup run test test-fast lint lab lab-instructor student clean
 
 ## setup: build .venv from the pinned dependencies in pyproject.toml (idempotent)
 setup: $(STAMP)
@@ -37,11 +37,19 @@ test-fast: setup
 lint: setup
 	$(PY) -m ruff check qatlab tests notebooks
 
-## lab: JupyterLab on the notebooks
+## lab: students start here. Your own copies of the notebooks, solutions removed, in student/,
+## opened in JupyterLab. A copy that already exists (your work) is never overwritten;
+## delete it to get a fresh one.
 lab: setup
+	$(PY) -m qatlab.student --out student --keep
+	$(VENV)/bin/jupyter lab student/
+
+## lab-instructor: JupyterLab on the instructor notebooks in notebooks/ (with the solutions)
+lab-instructor: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
-## student: student copies (solutions removed) -> build/student/
+## student: the teachers' handout: student copies (solutions removed) -> build/student/,
+## regenerated every time
 student: setup
 	$(PY) -m qatlab.student
 

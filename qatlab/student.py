@@ -1,8 +1,14 @@
 """Student copies of the notebooks: every solution block replaced by a stub, as nbgrader does.
 
-Used by teachers (README "For teachers"): ``make student`` or
+Students: ``make lab`` runs ``python -m qatlab.student --out student --keep`` and opens
+JupyterLab on ``student/``. ``--keep`` never overwrites a copy that is already there (it
+holds the student's work); delete a copy to get a fresh one.
+
+Teachers (README "For teachers"): ``make student`` or
 ``python -m qatlab.student [--out build/student] [notebooks...]`` writes
 ``build/student/<notebook>.ipynb`` for every ``notebooks/*.ipynb``.
+
+The glossary the notebooks link to (``notebooks/glossary.md``) is copied beside the copies.
 
 In each code cell, every block from a ``### BEGIN SOLUTION`` line to its
 ``### END SOLUTION`` line becomes two lines at the indentation of the BEGIN line::
@@ -101,13 +107,16 @@ def make_student_notebook(nb, name="notebook"):
     return student
 
 
-def write_student_notebooks(notebooks=None, out=None):
+def write_student_notebooks(notebooks=None, out=None, keep_existing=False):
     """Write a student copy of each notebook into ``out``; return the written paths.
 
     ``notebooks`` defaults to every ``notebooks/*.ipynb`` of the checkout and
     ``out`` to ``build/student``. Every file is written atomically, and all
     notebooks are transformed before the first one is written, so a malformed
-    block anywhere leaves ``out`` untouched.
+    block anywhere leaves ``out`` untouched. With ``keep_existing``, a copy that
+    already exists in ``out`` is left as it is (it may hold a student's answers).
+    The ``glossary.md`` beside the notebooks, which they link to, is copied too
+    (also kept when it exists and ``keep_existing`` is set).
     """
     import nbformat
 
@@ -116,16 +125,28 @@ def write_student_notebooks(notebooks=None, out=None):
         if not notebooks:
             raise FileNotFoundError(f"no notebooks found in {repo_root() / 'notebooks'}")
     out = Path(out) if out is not None else build_dir() / "student"
-    copies = []
+    copies, sources = [], set()
     for path in map(Path, notebooks):
         if path.suffix != ".ipynb" or not path.is_file():
             raise ValueError(f"not a notebook file: {str(path)!r}")
         nb = nbformat.read(path, as_version=4)
         copies.append((out / path.name, make_student_notebook(nb, path.name)))
+        sources.add(path.parent)
+    written = []
     for target, nb in copies:
+        if keep_existing and target.exists():
+            continue
         with atomic_path(target) as tmp:
             nbformat.write(nb, tmp)
-    return [target for target, _ in copies]
+        written.append(target)
+    for folder in sorted(sources):
+        glossary = folder / "glossary.md"
+        target = out / glossary.name
+        if glossary.is_file() and not (keep_existing and target.exists()):
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(glossary.read_bytes())
+            written.append(target)
+    return written
 
 
 def main(argv=None):
@@ -134,16 +155,23 @@ def main(argv=None):
         description="Write student copies of the notebooks (solution blocks replaced by stubs).")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: build/student)")
+    parser.add_argument("--keep", action="store_true",
+                        help="leave copies that already exist untouched (they hold your work)")
     parser.add_argument("notebooks", nargs="*", type=Path,
                         help="notebooks to convert (default: notebooks/*.ipynb)")
     args = parser.parse_args(argv)
     try:
-        written = write_student_notebooks(args.notebooks or None, args.out)
+        written = write_student_notebooks(args.notebooks or None, args.out, keep_existing=args.keep)
     except (SolutionMarkupError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for path in written:
         print(f"wrote {path}")
+    if args.keep:
+        out = args.out or build_dir() / "student"
+        kept = sorted(set(Path(out).glob("*.ipynb")) - set(written))
+        if kept:
+            print(f"kept {len(kept)} existing copies in {out} (your work); delete one to get it fresh")
     return 0
 
 

@@ -302,3 +302,34 @@ def test_student_copy_stops_at_its_first_exercise(student_copies, notebook_build
     _, nb = student_copies[path.name]
     first, check, errors = run_until_first_exercise(nb, notebook_build, ROOT / "notebooks")
     assert_stops_at_first_exercise(path.name, first, check, errors)
+
+
+def test_keep_never_overwrites_a_students_work_and_the_glossary_comes_along(tmp_path, capsys):
+    src = tmp_path / "notebooks"
+    src.mkdir()
+    nbformat.write(synthetic_notebook(), src / "99_synthetic.ipynb")
+    (src / "glossary.md").write_text('<a id="ptq"></a>\n## PTQ\n')
+    out = tmp_path / "student"
+    assert student.main(["--out", str(out), "--keep", str(src / "99_synthetic.ipynb")]) == 0
+    assert (out / "glossary.md").read_text() == (src / "glossary.md").read_text()  # links resolve
+    work = nbformat.read(out / "99_synthetic.ipynb", as_version=4)
+    work.cells[2].source = "def area(r):\n    return math.pi * r * r  # my answer"
+    nbformat.write(work, out / "99_synthetic.ipynb")
+    capsys.readouterr()
+    assert student.main(["--out", str(out), "--keep", str(src / "99_synthetic.ipynb")]) == 0
+    assert "my answer" in nbformat.read(out / "99_synthetic.ipynb", as_version=4).cells[2].source
+    assert "kept 1 existing copies" in capsys.readouterr().out
+    # without --keep (the teachers' handout) the copy is regenerated
+    assert student.main(["--out", str(out), str(src / "99_synthetic.ipynb")]) == 0
+    assert "my answer" not in nbformat.read(out / "99_synthetic.ipynb", as_version=4).cells[2].source
+
+
+def test_makefile_gives_students_a_lab_on_their_own_copies():
+    makefile = (ROOT / "Makefile").read_text()
+    lab = re.search(r"^lab: setup\n((?:\t.*\n)+)", makefile, flags=re.M)
+    assert lab, "make lab is missing"
+    assert "qatlab.student --out student --keep" in lab[1] and "jupyter lab student/" in lab[1]
+    assert re.search(r"^lab-instructor: setup\n\t.*jupyter lab notebooks/", makefile, flags=re.M)
+    readme = (ROOT / "README.md").read_text()
+    assert readme.index("Students start here") < readme.index("For teachers")
+    assert "make lab" in readme.split("For teachers")[0]
