@@ -25,6 +25,9 @@ fbgemm       u8 × s8 → int32 acc; **float** bias ``b / (s_x·s_w)`` added to 
 onednn       u8 × s8 → int32 acc; float(acc) × s_x × s_w + b, × 1/s_y, + z_y,
              ``nearbyint``, clamp (:func:`requantize_onednn`; the ``x86`` engine's
              convolutions on a CPU with AVX-512 VNNI, see :func:`select_x86_conv_kernel`)
+qnnpack      u8 × s8 → int32 acc **+ int32 bias** ``round(b / (s_x·s_w))``; × float32
+             ``M = (s_w·s_x)·(1/s_y)``; ``nearbyint``; + z_y; clamp (:func:`requantize_qnnpack`;
+             torch's ``qnnpack`` engine)
 xnnpack      s8 × s8 → int32 acc **+ int32 bias** ``round(b / (s_x·s_w))``;
              × float32 ``M``; ``nearbyint``; + z_y; clamp (:func:`requantize_xnnpack`;
              ExecuTorch's XNNPACK delegate, "fp32" requantization)
@@ -47,7 +50,9 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("fbgemm", "onednn", "xnnpack")
+KERNELS = ("fbgemm", "onednn", "qnnpack", "xnnpack")
+#: the two textbook schemes the kernels are compared with (not libraries)
+SCHEMES = ("fixed_point", "reference")
 #: the int16 range ``vpmaddubsw`` saturates to
 INT16_MIN, INT16_MAX = -(2**15), 2**15 - 1
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
@@ -55,6 +60,7 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 KERNEL_DTYPES = {
     "fbgemm": (torch.uint8, torch.uint8, (0, 255)),
     "onednn": (torch.uint8, torch.uint8, (0, 255)),
+    "qnnpack": (torch.uint8, torch.uint8, (0, 255)),
     "xnnpack": (torch.int8, torch.int8, (-128, 127)),
 }
 
@@ -65,9 +71,17 @@ _F32 = torch.float32
 
 
 def _check_kernel(kernel):
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel not in KERNELS + SCHEMES:
+        raise ValueError(f"kernel must be one of {KERNELS + SCHEMES}, got {kernel!r}")
     return kernel
+
+
+def _io_dtypes(kernel, x_q):
+    """(input dtype, output range) of a kernel; the schemes follow the input's dtype."""
+    if kernel in KERNELS:
+        return KERNEL_DTYPES[kernel][0], KERNEL_DTYPES[kernel][2]
+    _check_int_tensor(x_q, "x_q")
+    return x_q.dtype, ((0, 255) if x_q.dtype == torch.uint8 else (-128, 127))
 
 
 def _check_int_tensor(t, name, dtypes=(torch.uint8, torch.int8)):
@@ -496,6 +510,36 @@ def requantize_onednn(acc, bias, *, input_scale, weight_scale, output_scale, out
     return y.clamp(0, 255).to(torch.uint8)
 
 
+def requantize_qnnpack(acc, bias, *, input_scale, weight_scale, output_scale, output_zero_point,
+                       relu=False):
+    """torch's QNNPACK epilogue: int32 bias, float32 multiplier, round to nearest even. 09_integer_kernels.
+
+    From torch's ``QuantizeBias`` and ``generate_requantization_scales``::
+
+        b_q = nearbyint(b · float(1 / float(double(s_w) · s_x)))     int32 bias
+        M   = (s_w · s_x) · (1 / s_y)                                float32
+        y_q = clamp(nearbyint(float(acc + b_q) · M) + z_y, z_y if relu else 0, 255)
+
+    >>> acc = torch.tensor([[100, -40]], dtype=torch.int32)
+    >>> requantize_qnnpack(acc, torch.tensor([0.05, 0.0]), input_scale=0.02, weight_scale=0.01,
+    ...                    output_scale=0.01, output_zero_point=64)
+    tensor([[71, 63]], dtype=torch.uint8)
+    """
+    _check_int_tensor(acc, "acc", (torch.int32,))
+    channels = acc.shape[1]
+    s_x = float(_check_scale(input_scale, "input_scale").to(_F32))        # act.q_scale() as a float
+    s_w = _per_channel(_check_scale(weight_scale, "weight_scale"), channels, "weight_scale")
+    s_y = _check_scale(output_scale, "output_scale").to(_F32)
+    zp = int(_check_zero_point(output_zero_point, "output_zero_point", 0, 255))
+    if bias is not None:
+        b = _per_channel(_check_bias(bias), channels, "bias")
+        inv = torch.tensor(1.0, dtype=_F32) / (s_w.to(torch.float64) * s_x).to(_F32)
+        b_q = torch.round(b * inv).clamp(_INT32_MIN, _INT32_MAX).to(torch.int64)
+        acc = _to_int32(acc.to(torch.int64) + _channel_view(b_q, acc.dim()))
+    m = (s_w.to(_F32) * torch.tensor(s_x, dtype=_F32)) * (torch.tensor(1.0, dtype=_F32) / s_y)
+    return requantize(acc, m, zp, zp if relu else 0, 255)
+
+
 def xnnpack_multiplier(input_scale, weight_scale, output_scale):
     """XNNPACK's per-channel requantization scale ``s_x · s_w / s_y`` in float32. 09_integer_kernels.
 
@@ -609,8 +653,12 @@ def conv2d_int8(x_q, w_q, bias, *, input_scale, input_zero_point, weight_scale, 
                 kernel="fbgemm", isa=None):
     """A quantized conv2d (+ fused ReLU) computed the way ``kernel`` computes it. 09_integer_kernels.
 
-    ``fbgemm``/``onednn``: ``x_q`` uint8, ``w_q`` int8, float ``bias``, uint8
-    out (torch's ``quantized::conv2d`` / ``conv2d_relu``). ``xnnpack``: ``x_q``
+    ``fbgemm``/``onednn``/``qnnpack``: ``x_q`` uint8, ``w_q`` int8, float
+    ``bias``, uint8 out (torch's ``quantized::conv2d`` / ``conv2d_relu``).
+    Two schemes to compare them with: ``fixed_point`` (Jacob et al.'s
+    integer-only arithmetic: int32 bias, :func:`requantize_fixed_point`) and
+    ``reference`` (what fake quantization computes, :func:`reference_layer`);
+    both keep the input's dtype. ``xnnpack``: ``x_q``
     int8, ``w_q`` int8 in [−127, 127], ``bias`` float (quantized to int32 with
     :func:`quantize_bias`) or already int32, int8 out. Weights are symmetric
     (zero-point 0), per tensor or per output channel (``weight_scale``).
@@ -618,17 +666,24 @@ def conv2d_int8(x_q, w_q, bias, *, input_scale, input_zero_point, weight_scale, 
     pair sums saturate (:func:`accumulate_conv2d_fbgemm`).
     """
     _check_kernel(kernel)
-    in_dtype = KERNEL_DTYPES[kernel][0]
+    in_dtype, out_range = _io_dtypes(kernel, x_q)
     _check_int_tensor(x_q, "x_q", (in_dtype,))
     _check_int_tensor(w_q, "w_q", (torch.int8,))
+    if kernel == "reference":
+        lo, hi = (output_zero_point, out_range[1]) if relu else out_range
+        return reference_layer(x_q, w_q, bias, input_scale=input_scale, input_zero_point=input_zero_point,
+                               weight_scale=weight_scale, output_scale=output_scale,
+                               output_zero_point=output_zero_point, quant_min=lo, quant_max=hi,
+                               conv=dict(stride=_pair(stride, "stride"), padding=_pair(padding, "padding"),
+                                         dilation=_pair(dilation, "dilation"), groups=groups))
     if kernel == "fbgemm":
         acc = accumulate_conv2d_fbgemm(x_q, w_q, x_zero_point=input_zero_point, stride=stride,
                                        padding=padding, dilation=dilation, groups=groups, isa=isa)
-    else:   # oneDNN (chosen by torch only with VNNI) and XNNPACK accumulate exactly in int32
+    else:   # oneDNN (chosen by torch only with VNNI), QNNPACK and XNNPACK accumulate exactly
         acc = accumulate_conv2d(x_q, w_q, x_zero_point=input_zero_point, stride=stride,
                                 padding=padding, dilation=dilation, groups=groups)
     return _requantize_layer(acc, bias, kernel, input_scale, weight_scale, output_scale,
-                             output_zero_point, relu)
+                             output_zero_point, relu, out_range)
 
 
 def linear_int8(x_q, w_q, bias, *, input_scale, input_zero_point, weight_scale, output_scale,
@@ -636,33 +691,49 @@ def linear_int8(x_q, w_q, bias, *, input_scale, input_zero_point, weight_scale, 
     """A quantized linear layer (+ fused ReLU) computed the way ``kernel`` does. 09_integer_kernels.
 
     Same conventions as :func:`conv2d_int8`; torch's x86 engine always runs
-    ``quantized::linear`` on FBGEMM.
+    ``quantized::linear`` on FBGEMM (``kernel="onednn"`` is the ``onednn``
+    engine's matmul).
     """
     _check_kernel(kernel)
-    if kernel == "onednn":
-        raise ValueError("torch's x86 engine runs quantized linear layers on FBGEMM: use kernel='fbgemm'")
-    _check_int_tensor(x_q, "x_q", (KERNEL_DTYPES[kernel][0],))
+    in_dtype, out_range = _io_dtypes(kernel, x_q)
+    _check_int_tensor(x_q, "x_q", (in_dtype,))
     _check_int_tensor(w_q, "w_q", (torch.int8,))
+    if kernel == "reference":
+        lo, hi = (output_zero_point, out_range[1]) if relu else out_range
+        return reference_layer(x_q, w_q, bias, input_scale=input_scale, input_zero_point=input_zero_point,
+                               weight_scale=weight_scale, output_scale=output_scale,
+                               output_zero_point=output_zero_point, quant_min=lo, quant_max=hi)
     if kernel == "fbgemm":
         acc = accumulate_linear_fbgemm(x_q, w_q, x_zero_point=input_zero_point, isa=isa)
     else:
         acc = accumulate_linear(x_q, w_q, x_zero_point=input_zero_point)
     return _requantize_layer(acc, bias, kernel, input_scale, weight_scale, output_scale,
-                             output_zero_point, relu)
+                             output_zero_point, relu, out_range)
 
 
 def _requantize_layer(acc, bias, kernel, input_scale, weight_scale, output_scale, output_zero_point,
-                      relu):
+                      relu, out_range):
     kwargs = dict(input_scale=input_scale, weight_scale=weight_scale, output_scale=output_scale,
                   output_zero_point=output_zero_point)
     if kernel == "fbgemm":
         return requantize_fbgemm(acc, bias, relu=relu, **kwargs)
     if kernel == "onednn":
         return requantize_onednn(acc, bias, relu=relu, **kwargs)
+    if kernel == "qnnpack":
+        return requantize_qnnpack(acc, bias, relu=relu, **kwargs)
+    lo, hi = (int(output_zero_point), out_range[1]) if relu else out_range
     if bias is not None and bias.dtype != torch.int32:
         bias = quantize_bias(bias, input_scale, weight_scale)
-    lo, hi = _out_range("xnnpack", output_zero_point, relu)
-    return requantize_xnnpack(acc, bias, quant_min=lo, quant_max=hi, **kwargs)
+    if kernel == "xnnpack":
+        return requantize_xnnpack(acc, bias, quant_min=lo, quant_max=hi, **kwargs)
+    # "fixed_point": Jacob et al.'s integer-only scheme: int32 bias, M in fixed point
+    if bias is not None:
+        acc = _to_int32(acc.to(torch.int64) + _channel_view(_per_channel(bias.to(torch.int64), acc.shape[1],
+                                                                        "bias"), acc.dim()))
+    m = (_check_scale(input_scale, "input_scale") * _check_scale(weight_scale, "weight_scale")
+         / _check_scale(output_scale, "output_scale"))
+    m0, shift = quantize_multiplier(m)
+    return requantize_fixed_point(acc, m0, shift, output_zero_point, lo, hi)
 
 
 def adaptive_avg_pool2d_int8(x_q, output_size, *, input_scale, input_zero_point, output_scale,
@@ -784,14 +855,45 @@ def run_eager_layer(module, x, kernel):
     return torch._make_per_tensor_quantized_tensor(y, p["output_scale"], p["output_zero_point"])
 
 
+ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
+
+
+def eager_kernel(module, engine, has_avx512_vnni=None):
+    """The kernel torch's ``engine`` runs for a converted conv/linear module. 09_integer_kernels.
+
+    ``x86``: linear layers on FBGEMM, convolutions by
+    :func:`select_x86_conv_kernel` (``has_avx512_vnni`` defaults to this
+    CPU's flag); ``fbgemm``/``onednn``/``qnnpack``: that library.
+    """
+    import sys
+
+    from torch.ao.nn import quantized as nnq
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine != "x86":
+        return engine
+    if not isinstance(module, nnq.Conv2d):
+        return "fbgemm"
+    if has_avx512_vnni is None:
+        from .deploy import cpu_flags
+
+        has_avx512_vnni = cpu_flags(("avx512_vnni",))["avx512_vnni"]
+    p = eager_layer_params(module)
+    return select_x86_conv_kernel(p["weight_zero_point"], p["groups"], has_avx512_vnni=has_avx512_vnni,
+                                  linux=sys.platform.startswith("linux"))
+
+
 @contextlib.contextmanager
-def integer_kernels(model, conv_kernel="fbgemm"):
+def integer_kernels(model, engine="x86", has_avx512_vnni=None, scheme=None):
     """Within the block, ``model`` (an eager int8 model) runs on this module's integer code.
 
     Taught in 09_integer_kernels. Every ``Quantize``, int8 ``Conv2d``/``Linear``
     (and their fused ReLU versions) and ``AdaptiveAvgPool2d`` is swapped for
-    ours: convolutions with ``conv_kernel`` ("fbgemm" or "onednn"), linear
-    layers with FBGEMM's scheme, the input quantized with ``qatlab.quantize``.
+    ours, each layer with the kernel torch's ``engine`` would pick
+    (:func:`eager_kernel`), or with ``scheme`` ("fixed_point" or "reference",
+    see :func:`conv2d_int8`) for every layer; the input is quantized with
+    ``qatlab.quantize``.
     Other modules keep their own forward (``Flatten``, ``DeQuantize``); a leaf
     module that computes something we do not cover raises ``ValueError``.
     """
@@ -799,8 +901,10 @@ def integer_kernels(model, conv_kernel="fbgemm"):
 
     from .quant import quantize
 
-    if conv_kernel not in ("fbgemm", "onednn"):
-        raise ValueError(f"conv_kernel must be 'fbgemm' or 'onednn', got {conv_kernel!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if scheme is not None and scheme not in SCHEMES:
+        raise ValueError(f"scheme must be None or one of {SCHEMES}, got {scheme!r}")
     passthrough = (torch.nn.Flatten, torch.nn.Identity, torch.nn.Dropout, nnq.DeQuantize,
                    torch.nn.Sequential)
 
@@ -826,10 +930,8 @@ def integer_kernels(model, conv_kernel="fbgemm"):
                 continue                        # the packed weights inside a layer we swapped
             if isinstance(m, nnq.Quantize):
                 fn = quantize_forward
-            elif isinstance(m, nnq.Conv2d):
-                fn = layer_forward(conv_kernel)
-            elif isinstance(m, nnq.Linear):
-                fn = layer_forward("fbgemm")
+            elif isinstance(m, nnq.Conv2d | nnq.Linear):
+                fn = layer_forward(scheme or eager_kernel(m, engine, has_avx512_vnni))
             elif isinstance(m, torch.nn.AdaptiveAvgPool2d):
                 fn = pool_forward
             elif isinstance(m, passthrough) or m is model or list(m.children()):
