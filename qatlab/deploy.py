@@ -166,25 +166,57 @@ def _require(module, what):
 
 @dataclass(frozen=True)
 class ExportSummary:
-    """What :func:`export_executorch` wrote: the file, its size, and what XNNPACK took."""
+    """What :func:`export_executorch` wrote: the file, its size, what XNNPACK took, the batch bound.
+
+    ``max_batch`` is ``None`` for a program with the fixed input shape of its
+    example, else the largest batch the program promises to run.
+    """
 
     path: Path
     bytes: int
     delegated_nodes: int
     non_delegated_nodes: int
     summary: str
+    max_batch: int | None = None
 
 
-def export_executorch(model, example_inputs, path, delegate="xnnpack"):
+MAX_BATCH_METHOD = "get_max_batch"  # constant method that records a .pte's batch bound
+
+
+def _planned_batch(edge):
+    """Upper bound of the first user input's batch dimension that ExecuTorch will plan memory for."""
+    from executorch.exir.sym_util import eval_upper_bound
+
+    program = edge.exported_program()
+    first = program.graph_signature.user_inputs[0]
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == first)
+    return eval_upper_bound(node.meta["val"].shape[0])
+
+
+def export_executorch(model, example_inputs, path, delegate="xnnpack", max_batch=None):
     """Lower ``model`` to an ExecuTorch program and write it atomically to ``path`` (.pte).
 
     Taught in 05_deployment. ``torch.export`` → ``to_edge_transform_and_lower``
     with the ``XnnpackPartitioner`` (``delegate="xnnpack"``, or ``None`` for
-    ExecuTorch's portable kernels) → ``to_executorch`` → bytes. The program
-    has the static input shapes of ``example_inputs``: export one file per
-    batch size. ``model`` may be a float module or a ``convert_pt2e`` model;
-    an ``ExportedProgram`` is lowered as it is. Returns an
-    :class:`ExportSummary` with the delegation counts.
+    ExecuTorch's portable kernels) → ``to_executorch`` → bytes. ``model`` may be
+    a float module or a ``convert_pt2e`` model; an ``ExportedProgram`` is
+    lowered as it is.
+
+    Shapes: with ``max_batch=None`` the program has the static input shapes of
+    ``example_inputs``. With ``max_batch=N`` the first dimension of the first
+    input is exported as ``torch.export.Dim("batch", min=1, max=N)``:
+    ExecuTorch plans its memory for the upper bound, and the program runs any
+    batch up to it (the example needs 2 to ``N`` rows, since ``torch.export``
+    specialises a dimension of size 1). Lowering can narrow that range: a
+    shape function that compares the batch with a constant adds a guard, and
+    the guard keeps the side of the constant that holds the example batch
+    (with torch 2.14 / ExecuTorch 1.5.1, XNNPACK's channels-last pass re-runs
+    torch's conv backend selection, which compares the batch with 16). The
+    bound the program really has is read back from the lowered program; if it
+    is below ``N``, a ``UserWarning`` says so and the smaller bound is used.
+    ``N`` is stored in the file as the constant method ``get_max_batch``;
+    :func:`load_executorch` enforces the smaller of it and the planned input size.
+    Returns an :class:`ExportSummary` with the delegation counts.
     """
     import torch
 
@@ -196,16 +228,40 @@ def export_executorch(model, example_inputs, path, delegate="xnnpack"):
         raise ValueError(f"delegate must be 'xnnpack' or None, got {delegate!r}")
     if not isinstance(example_inputs, tuple):
         raise TypeError(f"example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}")
-    if isinstance(model, torch.export.ExportedProgram):
-        program = model
-    else:
-        program = torch.export.export(model, example_inputs)
+    if max_batch is not None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 2:
+            raise ValueError(f"max_batch must be None or an int >= 2, got {max_batch!r}")
+        if isinstance(model, torch.export.ExportedProgram):
+            raise ValueError("max_batch needs the module, not an ExportedProgram (its shapes are fixed)")
+        rows = example_inputs[0].shape[0]
+        if not 2 <= rows <= max_batch:
+            raise ValueError(f"with max_batch={max_batch} the example batch must have 2..{max_batch} "
+                             f"rows (a size-1 dimension is specialised), got {rows}")
     partitioner = []
     if delegate == "xnnpack":
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
         partitioner = [XnnpackPartitioner()]
-    edge = to_edge_transform_and_lower(program, partitioner=partitioner)
+
+    if isinstance(model, torch.export.ExportedProgram):
+        program = model
+    elif max_batch is None:
+        program = torch.export.export(model, example_inputs)
+    else:
+        batch = torch.export.Dim("batch", min=1, max=max_batch)
+        shapes = ({0: batch},) + tuple(None for _ in example_inputs[1:])
+        program = torch.export.export(model, example_inputs, dynamic_shapes=shapes)
+    methods = None if max_batch is None else {MAX_BATCH_METHOD: max_batch}
+    edge = to_edge_transform_and_lower(program, partitioner=partitioner, constant_methods=methods)
+    if max_batch is not None:
+        planned = _planned_batch(edge)
+        if planned < max_batch:
+            import warnings
+
+            warnings.warn(f"a shape guard added while lowering narrowed the batch range to 1..{planned} "
+                          f"(asked for 1..{max_batch}); the program runs at most {planned} rows. "
+                          f"Run with TORCH_LOGS=+dynamic to see the guard.", UserWarning, stacklevel=2)
+            max_batch = planned
     info = get_delegation_info(edge.exported_program().graph_module)
     buffer = edge.to_executorch().buffer
     path = Path(path)
@@ -213,7 +269,7 @@ def export_executorch(model, example_inputs, path, delegate="xnnpack"):
         tmp.write_bytes(buffer)
     return ExportSummary(path=path, bytes=file_size(path), delegated_nodes=info.num_delegated_nodes,
                          non_delegated_nodes=info.num_non_delegated_nodes,
-                         summary=info.get_summary().strip())
+                         summary=info.get_summary().strip(), max_batch=max_batch)
 
 
 def load_executorch(path, threads=2):
@@ -221,41 +277,61 @@ def load_executorch(path, threads=2):
 
     ``threads`` sets the size of ExecuTorch's CPU thread pool (the one
     XNNPACK uses). A file that is not an ExecuTorch program raises
-    ``ValueError`` naming it. The callable exposes the program's input shape
-    as ``run.input_shape``.
+    ``ValueError`` naming it. The callable exposes the program's planned input
+    shape as ``run.input_shape`` and its batch bound as ``run.max_batch``
+    (``None`` for a program with a fixed batch); a batch outside what the
+    program accepts raises ``ValueError`` before the runtime sees it. The
+    runtime's native log lines about CPU probing and its thread pool are
+    filtered out (:func:`qatlab.noise.native_stderr_filtered`); any other
+    native output still shows.
     """
     _require("executorch.runtime", "load_executorch")
-    import executorch.extension.pybindings.portable_lib as portable
-    from executorch.runtime import Runtime
+    from .noise import native_stderr_filtered
 
     path = Path(path)
     file_size(path)  # FileNotFoundError for a missing file
     if path.read_bytes()[4:8] != b"ET12":
         raise ValueError(f"{str(path)!r} is not an ExecuTorch program (.pte): its header "
                          f"does not carry the 'ET12' file identifier")
-    portable._unsafe_reset_threadpool(int(threads))
-    try:
-        program = Runtime.get().load_program(path)
-        method = program.load_method("forward")
-    except RuntimeError as e:
-        raise ValueError(f"{str(path)!r} is not a valid ExecuTorch program: {e}") from e
+    with native_stderr_filtered():
+        import executorch.extension.pybindings.portable_lib as portable
+        from executorch.runtime import Runtime
+
+        portable._unsafe_reset_threadpool(int(threads))
+        try:
+            program = Runtime.get().load_program(path)
+            method = program.load_method("forward")
+        except RuntimeError as e:
+            raise ValueError(f"{str(path)!r} is not a valid ExecuTorch program: {e}") from e
+        max_batch = None
+        if MAX_BATCH_METHOD in program.method_names:
+            max_batch = int(program.load_method(MAX_BATCH_METHOD).execute([])[0])
     meta = program.metadata("forward")
     shape = tuple(meta.input_tensor_meta(0).sizes())
+    if max_batch is not None:
+        max_batch = min(max_batch, shape[0])  # memory is planned for shape[0] rows at most
 
     def run(x):
+        rows = x.shape[0]
+        if max_batch is None and rows != shape[0]:
+            raise ValueError(f"{path.name} was exported for batch {shape[0]}, got {rows} rows")
+        if max_batch is not None and not 1 <= rows <= max_batch:
+            raise ValueError(f"{path.name} runs batches of 1..{max_batch} rows, got {rows}")
         return method.execute((x.contiguous(),))[0]
 
-    run.input_shape, run.program = shape, program
+    run.input_shape, run.program, run.max_batch = shape, program, max_batch
     return run
 
 
-def _run_batches(run, batches, batch_size):
+def _run_batches(run, batches, batch_size, max_batch=None):
     import torch
 
     outputs = []
     for batch in batches:
         x = batch[0] if isinstance(batch, tuple | list) else batch
-        if batch_size is not None and x.shape[0] != batch_size:
+        if max_batch is not None:
+            outputs.extend(run(part) for part in x.split(max_batch))
+        elif batch_size is not None and x.shape[0] != batch_size:
             if x.shape[0] % batch_size:
                 raise ValueError(f"a batch of {x.shape[0]} rows does not split into the "
                                  f"program's fixed batch size {batch_size}")
@@ -269,17 +345,18 @@ def run_executorch(path, batches, threads=2):
     """Run a .pte program over ``batches`` and return the concatenated logits (05_deployment).
 
     ``batches`` is an iterable of tensors or of ``(x, y)`` pairs (a
-    DataLoader). A program exported for batch size ``b`` runs each batch in
-    chunks of ``b`` rows.
+    DataLoader). A program exported for a fixed batch size ``b`` runs each
+    batch in chunks of ``b`` rows; one exported with ``max_batch=N`` runs
+    each batch in chunks of at most ``N`` rows.
     """
     run = load_executorch(path, threads=threads)
-    return _run_batches(run, batches, run.input_shape[0])
+    return _run_batches(run, batches, run.input_shape[0], run.max_batch)
 
 
 # ---------------------------------------------------------------- ONNX Runtime
 
 
-def export_onnx(model, example_inputs, path, dynamic_batch=True):
+def export_onnx(model, example_inputs, path, dynamic_batch=True, strip_metadata=True):
     """Export ``model`` to ONNX with ``torch.onnx.export(..., dynamo=True)`` (05_deployment).
 
     A ``convert_pt2e`` model becomes a QDQ graph (QuantizeLinear /
@@ -287,8 +364,12 @@ def export_onnx(model, example_inputs, path, dynamic_batch=True):
     kernels where it can. With ``dynamic_batch=True`` the first input
     dimension is left free, so one file serves batch 1 and batch 32 (the
     example needs at least 2 rows for that). The weights are stored inside
-    the one file (``external_data=False``), so its size is the model's
-    size. Written atomically; returns the size in bytes.
+    the one file (``external_data=False``). The exporter annotates every node
+    with debugging metadata (the FX node, its Python stack trace, its module
+    path); ``strip_metadata=True`` removes it, so the file size is the model's
+    (weights + graph), not its provenance. Put the model in eval mode first
+    (``.eval()``; for a PT2E model, ``move_exported_model_to_eval``). Written
+    atomically; returns the size in bytes.
     """
     import torch
 
@@ -308,11 +389,34 @@ def export_onnx(model, example_inputs, path, dynamic_batch=True):
         try:
             torch.onnx.export(model, example_inputs, str(onnx_path), dynamo=True,
                               dynamic_shapes=dynamic_shapes, external_data=False, verbose=False)
+            if strip_metadata:
+                strip_onnx_metadata(onnx_path)
             onnx_path.replace(tmp)
         finally:
             onnx_path.unlink(missing_ok=True)
             onnx_path.with_name(onnx_path.name + ".data").unlink(missing_ok=True)
     return file_size(path)
+
+
+def strip_onnx_metadata(path):
+    """Remove per-node debugging metadata and doc strings from an ONNX file, in place (05_deployment).
+
+    ``torch.onnx.export(dynamo=True)`` stores, for every node, its FX node, its
+    module path and the Python stack trace that created it
+    (``metadata_props``); in a small model that is more bytes than the weights.
+    Returns the number of bytes removed.
+    """
+    onnx = _require("onnx", "strip_onnx_metadata")
+
+    path = Path(path)
+    before = file_size(path)
+    model = onnx.load(str(path))
+    for graph in [model.graph] + [a.g for n in model.graph.node for a in n.attribute if a.HasField("g")]:
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+    onnx.save(model, str(path))
+    return before - file_size(path)
 
 
 ORT_OPTIMIZATIONS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
@@ -385,25 +489,53 @@ def format_table(rows, columns):
     return "\n".join(line.rstrip() for line in lines)
 
 
-def plot_latency(rows, key="b1_ms", err_key="b1_iqr_ms", ax=None):
-    """Bar chart of ``rows[i][key]`` (median latency) with IQR error bars (05_deployment).
+def plot_latency(rows, key="b1_ms", err_key="b1_iqr_ms", ax=None, title=None):
+    """Median latency per runtime, fp32 and int8 side by side, with interquartile-range bars (05_deployment).
 
-    Each row needs ``runtime`` and ``precision``; rows with ``key`` missing
-    are skipped. Returns the ``ax``.
+    Each row needs ``runtime``, ``precision`` and ``key`` (rows without it
+    are skipped). The error bar spans the interquartile range: from
+    ``<key>_q1`` to ``<key>_q3`` when the row has them (``b1_ms`` →
+    ``b1_q1_ms``/``b1_q3_ms``), else ± half of ``err_key``. Each int8 bar is
+    labelled with its speed-up over the same runtime's fp32 bar (fp32 time ÷
+    int8 time: above 1 means int8 is faster). Returns the ``ax``.
     """
     import matplotlib.pyplot as plt
 
     if ax is None:
-        _, ax = plt.subplots(figsize=(7, 3))
+        _, ax = plt.subplots(figsize=(7, 3.2))
     rows = [r for r in rows if r.get(key) is not None]
-    labels = [f"{r['runtime']}\n{r['precision']}" for r in rows]
-    colors = ["tab:blue" if r["precision"] == "fp32" else "tab:orange" for r in rows]
-    errors = [r.get(err_key) or 0.0 for r in rows]
-    ax.bar(range(len(rows)), [r[key] for r in rows], yerr=[e / 2 for e in errors],
-           color=colors, capsize=3)
-    ax.set_xticks(range(len(rows)), labels, fontsize=8)
-    ax.set_ylabel(f"{key} (median, ms)")
-    ax.set_title("latency per call (orange: int8, blue: fp32; bars: IQR)")
+    runtimes = list(dict.fromkeys(r["runtime"] for r in rows))
+    q1_key, q3_key = key.replace("_ms", "_q1_ms"), key.replace("_ms", "_q3_ms")
+    width, colors = 0.38, {"fp32": "tab:blue", "int8": "tab:orange"}
+    by = {(r["runtime"], r["precision"]): r for r in rows}
+    for j, precision in enumerate(("fp32", "int8")):
+        xs, ys, lo, hi = [], [], [], []
+        for i, runtime in enumerate(runtimes):
+            r = by.get((runtime, precision))
+            if r is None:
+                continue
+            m = r[key]
+            if r.get(q1_key) is not None and r.get(q3_key) is not None:
+                low, high = m - r[q1_key], r[q3_key] - m
+            else:
+                low = high = (r.get(err_key) or 0.0) / 2
+            xs.append(i + (j - 0.5) * width)
+            ys.append(m)
+            lo.append(max(low, 0.0))
+            hi.append(max(high, 0.0))
+        ax.bar(xs, ys, width, yerr=[lo, hi], color=colors[precision], capsize=3, label=precision)
+        if precision == "int8":
+            for x, y, runtime in zip(xs, ys, [rt for rt in runtimes if (rt, "int8") in by]):
+                fp32 = by.get((runtime, "fp32"))
+                if fp32 is not None and y > 0:
+                    ax.annotate(f"{fp32[key] / y:.2f}x", (x, y), xytext=(0, 6),
+                                textcoords="offset points", ha="center", fontsize=8)
+    ax.set_xticks(range(len(runtimes)), runtimes)
+    ax.set_ylabel("median latency per call (ms)")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
+    ax.set_title(title or "latency (label on int8 bars: fp32 time / int8 time)", fontsize=10)
+    ax.errorbar([], [], yerr=[], color="black", capsize=3, label="interquartile range")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ax
 
 

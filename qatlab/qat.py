@@ -233,9 +233,48 @@ def freeze_schedule(freeze_observers_at=None, freeze_bn_at=None):
                 m.disable_observer()
         if bn:
             model.apply(freeze_bn_stats)
+            if isinstance(model, torch.fx.GraphModule):  # an exported (PT2E) model: edit the graph
+                freeze_pt2e_bn_stats(model)
 
     callback.plan = plan
     return callback
+
+
+_BN_TRAINING_ARG = 5  # (input, weight, bias, running_mean, running_var, training, momentum, eps, ...)
+
+
+def freeze_pt2e_bn_stats(graph_module):
+    """Freeze the BatchNorm statistics of an exported (PT2E) model in place; return how many BNs changed.
+
+    An exported graph has no BN modules to ``freeze_bn_stats``: each BN is an
+    ATen op whose ``training`` argument (index 5) is baked into the graph.
+    Setting it to ``False`` makes the BN normalise with its running statistics
+    and stop updating them, which is what eager ``freeze_bn_stats`` does; the
+    graph is recompiled when something changed. This is how torchao's PT2E QAT
+    tutorial freezes BN ("Quantization Aware Training (QAT) with PT2E").
+    ``move_exported_model_to_train`` sets the flag back, so call this again
+    after it (:func:`freeze_schedule` does, at every step). Taught in 04_qat_training.
+
+    >>> import torch
+    >>> g = torch.export.export(torch.nn.BatchNorm1d(2).train(), (torch.randn(4, 2),)).module()
+    >>> freeze_pt2e_bn_stats(g), freeze_pt2e_bn_stats(g)
+    (1, 0)
+    """
+    if not isinstance(graph_module, torch.fx.GraphModule):
+        raise TypeError(f"graph_module must be a torch.fx.GraphModule (an exported model), "
+                        f"got {type(graph_module).__name__}")
+    targets = {torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default,
+               torch.ops.aten.cudnn_batch_norm.default, torch.ops.aten.miopen_batch_norm.default}
+    changed = 0
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target in targets and node.args[_BN_TRAINING_ARG]:
+            args = list(node.args)
+            args[_BN_TRAINING_ARG] = False
+            node.args = tuple(args)
+            changed += 1
+    if changed:
+        graph_module.recompile()
+    return changed
 
 
 def call_every_step(model, fn):
@@ -430,7 +469,9 @@ class LSQFakeQuantize(nn.Module):
     """A weight fake-quantizer whose step size is an ``nn.Parameter`` (LSQ, symmetric).
 
     ``channels`` step sizes (1 = per tensor), initialised on the first forward
-    to the paper's ``2 * mean(|w|) / sqrt(qmax)`` (per channel). The gradient of the step
+    (per channel) by ``init``: ``"paper"`` is LSQ's ``2 * mean(|w|) / sqrt(qmax)``;
+    ``"minmax"`` is the symmetric min/max step ``max(|w|) / ((qmax - qmin) / 2)``,
+    the step a min/max observer would choose. The gradient of the step
     size is scaled by ``g = 1 / sqrt(N * qmax)`` with ``N`` the elements per
     step size. Drop-in for a QAT module's ``weight_fake_quant``
     (see :func:`use_lsq_weights`). Taught in 04_qat_training.
@@ -439,21 +480,30 @@ class LSQFakeQuantize(nn.Module):
     >>> w = torch.tensor([[0.1, -0.2], [0.4, 0.8]])
     >>> fq(w).shape, fq.scale.requires_grad
     (torch.Size([2, 2]), True)
+    >>> mm = LSQFakeQuantize(bits=4, channels=2, init="minmax")
+    >>> _ = mm(w); mm.scale.detach() * 7.5  # max |w| per channel over (qmax - qmin) / 2
+    tensor([0.2000, 0.8000])
     """
 
-    def __init__(self, bits=4, channels=1):
+    def __init__(self, bits=4, channels=1, init: Literal["paper", "minmax"] = "paper"):
         super().__init__()
         self.bits = bits
         self.qmin, self.qmax = weight_qrange(bits)
         if not (isinstance(channels, int) and channels > 0):
             raise ValueError(f"channels must be a positive int, got {channels!r}")
+        if init not in ("paper", "minmax"):
+            raise ValueError(f"init must be 'paper' or 'minmax', got {init!r}")
+        self.init = init
         self.scale = nn.Parameter(torch.ones(channels))
         self.register_buffer("initialized", torch.tensor(False))
 
     @torch.no_grad()
     def _init_scale(self, w):
         flat = w.detach().reshape(w.shape[0], -1) if self.scale.numel() > 1 else w.reshape(1, -1)
-        init = 2 * flat.abs().mean(dim=1) / math.sqrt(self.qmax)
+        if self.init == "paper":
+            init = 2 * flat.abs().mean(dim=1) / math.sqrt(self.qmax)
+        else:
+            init = flat.abs().amax(dim=1) / ((self.qmax - self.qmin) / 2)
         self.scale.copy_(init.clamp_min(1e-8))
         self.initialized.fill_(True)
 
@@ -465,19 +515,22 @@ class LSQFakeQuantize(nn.Module):
         return lsq_fake_quantize(w, self.scale, self.qmin, self.qmax, g, ch_axis=0)
 
     def extra_repr(self):
-        return f"bits={self.bits}, channels={self.scale.numel()}, qrange=[{self.qmin}, {self.qmax}]"
+        return (f"bits={self.bits}, channels={self.scale.numel()}, qrange=[{self.qmin}, {self.qmax}], "
+                f"init={self.init}")
 
 
-def use_lsq_weights(model, bits=4):
+def use_lsq_weights(model, bits=4, init="paper"):
     """Replace every ``weight_fake_quant`` of a ``prepare_qat`` model by :class:`LSQFakeQuantize`.
 
-    Activations keep their FakeQuantize. Build the optimizer *after* this call,
-    so it sees the new step-size parameters. Returns ``model``. Taught in 04_qat_training.
+    Activations keep their FakeQuantize. ``init`` picks the step-size
+    initialisation (see :class:`LSQFakeQuantize`). Build the optimizer *after*
+    this call, so it sees the new step-size parameters. Returns ``model``.
+    Taught in 04_qat_training.
     """
     n = 0
     for module in model.modules():
         if hasattr(module, "weight_fake_quant") and hasattr(module, "weight"):
-            module.weight_fake_quant = LSQFakeQuantize(bits, channels=module.weight.shape[0])
+            module.weight_fake_quant = LSQFakeQuantize(bits, channels=module.weight.shape[0], init=init)
             n += 1
     if n == 0:
         raise ValueError("model has no weight_fake_quant modules: call prepare_qat on it first")
@@ -525,57 +578,113 @@ def plot_accuracy_curves(curves, ax=None):
 
 
 def plot_qparams(trace, ax=None, freeze_step=None, title="activation qparams during QAT"):
-    """Scale (left axis) and zero-point (right axis) per step from :func:`track_qparams`.
+    """Scale per step from :func:`track_qparams`; the zero-point too, on a right axis, if it moved.
 
+    A zero-point that never changes (e.g. 0 after a ReLU, whose minimum is 0)
+    is written in the legend instead of drawn as a flat line.
     Taught in 04_qat_training.
     """
     ax = _axes(ax)
     ax.plot(trace["scale"], color="C0", label="scale")
-    ax.set(xlabel="training step", ylabel="scale", title=title)
-    ax2 = ax.twinx()
-    ax2.plot(trace["zero_point"], color="C1", drawstyle="steps-post", label="zero-point")
-    ax2.set_ylabel("zero-point")
+    ax.set(xlabel="training step", ylabel="scale (input units per integer step)", title=title)
+    lines = []
+    zps = set(trace["zero_point"])
+    if len(zps) > 1:
+        ax2 = ax.twinx()
+        ax2.plot(trace["zero_point"], color="C1", drawstyle="steps-post", label="zero-point")
+        ax2.set_ylabel("zero-point (integer)")
+        lines += ax2.get_lines()
+    elif zps:
+        ax.plot([], [], " ", label=f"zero-point: {zps.pop()} at every step")
     if freeze_step is not None:
         ax.axvline(freeze_step, color="gray", linestyle="--", label="observers frozen")
-    lines = ax.get_lines() + ax2.get_lines()
-    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center right")
+    lines = ax.get_lines() + lines
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.02 if len(zps) <= 1 else 1.12, 1.0))
     return ax
 
 
 def plot_weight_histograms(before, after, ax=None, step=None, bins=80,
                            labels=("before QAT", "after QAT")):
-    """Overlaid histograms of two weight tensors; ``step`` draws the quantization grid.
+    """Overlaid histograms of two weight tensors; with ``step``, one bin per grid point.
 
+    With ``step`` the bin edges are the rounding boundaries ``(k + 1/2) * step``,
+    so each bar counts the weights that round to grid point ``k * step``.
     Taught in 04_qat_training.
     """
+    import numpy as np
+
     ax = _axes(ax)
     b, a = before.detach().flatten().numpy(), after.detach().flatten().numpy()
     lo, hi = min(b.min(), a.min()), max(b.max(), a.max())
-    ax.hist(b, bins=bins, range=(lo, hi), alpha=0.5, label=labels[0])
-    ax.hist(a, bins=bins, range=(lo, hi), alpha=0.5, label=labels[1])
     if step is not None:
         k = int(math.ceil(max(abs(lo), abs(hi)) / step))
-        for i in range(-k, k + 1):
-            ax.axvline(i * step, color="gray", linewidth=0.5, alpha=0.6)
-    ax.set(xlabel="weight value", ylabel="count", title="weights (BN folded)")
-    ax.legend(fontsize=8)
+        edges = (np.arange(-k, k + 2) - 0.5) * step
+        ax.hist([b, a], bins=edges, label=list(labels))
+        ax.set_xlabel(f"weight value (bins: one per grid point, step {step:.3g})")
+    else:
+        ax.hist(b, bins=bins, range=(lo, hi), alpha=0.5, label=labels[0])
+        ax.hist(a, bins=bins, range=(lo, hi), alpha=0.5, label=labels[1])
+        ax.set_xlabel("weight value")
+    ax.set(ylabel="number of weights", title="weights (BN folded)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ax
 
 
-def plot_accuracy_table(rows, ax=None, title="same checkpoint, same extra epochs"):
-    """Horizontal bars of ``{label: (mean, std)}`` test accuracies with error bars.
+def plot_weight_shift(before, after, step, ax=None, title=None):
+    """Histogram of how far each weight moved, in units of its quantization step.
 
-    Taught in 04_qat_training.
+    ``step`` is one step per output channel (or a scalar). Bars are 0.05 step
+    wide; the dashed lines at ±1/2 step mark the distance beyond which a weight
+    that sat on a grid point would round to its neighbour. Weights that moved
+    more than 1.5 steps are counted in the outermost bars. Taught in 04_qat_training.
+    """
+    import numpy as np
+
+    ax = _axes(ax)
+    step = torch.as_tensor(step, dtype=before.dtype)
+    if step.numel() > 1:
+        step = step.reshape(-1, *([1] * (before.dim() - 1)))
+    shift = ((after - before) / step).detach().flatten().numpy()
+    edges = np.linspace(-1.5, 1.5, 61)
+    ax.hist(np.clip(shift, -1.5, 1.5), bins=edges, color="C0")
+    for x in (-0.5, 0.5):
+        ax.axvline(x, color="gray", linestyle="--", linewidth=1)
+    ax.set(xlabel="change of the weight during QAT (in quantization steps)",
+           ylabel="number of weights", title=title or "how far QAT moved each weight")
+    return ax
+
+
+def _row_color(label):
+    low = label.lower()
+    return "C7" if low.startswith("fp32") else "C1" if low.startswith("ptq") else "C0"
+
+
+def plot_accuracy_table(rows, ax=None, title="same checkpoint, same extra epochs", points=None):
+    """Horizontal bars of ``{label: (mean, std)}`` test accuracies, with ±1 std error bars.
+
+    Bars are coloured by method (grey: fp32, orange: PTQ, blue: QAT, from the
+    label's first word); ``points`` (``{label: [accuracy per seed]}``) adds one
+    dot per seed. The x-axis does not start at 0 (it says so). Taught in 04_qat_training.
     """
     ax = _axes(ax)
     labels = list(rows)
     means = [rows[k][0] for k in labels]
     stds = [rows[k][1] for k in labels]
-    ax.barh(labels, means, xerr=stds, color="C0", alpha=0.8)
-    lo = min(means) - max(2.0, 2 * max(stds))
-    ax.set_xlim(max(0.0, lo), min(100.0, max(means) + 1.0))
-    for y, m in enumerate(means):
-        ax.text(m, y, f" {m:.2f}", va="center", fontsize=8)
+    ys = list(range(len(labels)))
+    ax.barh(ys, means, xerr=stds, color=[_row_color(k) for k in labels], alpha=0.85, capsize=3)
+    if points:
+        for y, k in zip(ys, labels):
+            pts = points.get(k, [])
+            ax.plot(pts, [y] * len(pts), "k.", markersize=4)
+    lows = [m - max(s, 0.0) for m, s in zip(means, stds)] + [p for k in (points or {}) for p in points[k]]
+    highs = [m + max(s, 0.0) for m, s in zip(means, stds)] + [p for k in (points or {}) for p in points[k]]
+    ax.set_xlim(max(0.0, min(lows) - 1.0), min(100.0, max(highs) + 0.6))
+    for y, m in zip(ys, means):
+        ax.text(ax.get_xlim()[1], y, f" {m:.2f}", va="center", fontsize=8)
+    ax.set_yticks(ys, labels)
     ax.invert_yaxis()
-    ax.set(xlabel="test accuracy (%)", title=title)
+    n = len(next(iter(points.values()))) if points else None
+    extra = f"; bars: mean ± 1 std over {n} seeds, dots: seeds" if n else ""
+    ax.set(xlabel=f"test accuracy (%) — axis does not start at 0{extra}", title=title)
     return ax

@@ -1,5 +1,7 @@
 """qatlab.deploy: sizes, timing, parity, and a .pte / .onnx round trip on a tiny model."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -92,6 +94,74 @@ def test_executorch_round_trip(int8_tiny, tmp_path):
         deploy.run_executorch(tmp_path / "tiny.pte", [torch.randn(3, 1, 8, 8)])
 
 
+def test_executorch_bounded_dynamic_batch(tmp_path):
+    """One .pte for batches 1..16: ExecuTorch plans memory for the bound, and refuses beyond it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    path = tmp_path / "dyn.pte"
+    summary = deploy.export_executorch(model, (torch.randn(2, 8),), path, max_batch=16)
+    assert summary.max_batch == 16 and summary.delegated_nodes > 0
+    run = deploy.load_executorch(path)
+    assert run.max_batch == 16 and run.input_shape == (16, 8)  # memory planned for the bound
+    for rows in (1, 5, 15, 16):
+        x = torch.randn(rows, 8)
+        assert torch.allclose(torch.as_tensor(run(x)), model(x), atol=1e-5)
+    with pytest.raises(ValueError, match="runs batches of 1..16 rows, got 17"):
+        run(torch.randn(17, 8))
+    # run_executorch splits a larger batch into chunks of at most 16 rows
+    x = torch.randn(40, 8)
+    assert torch.allclose(deploy.run_executorch(path, [x]), model(x), atol=1e-5)
+
+
+def test_executorch_dynamic_batch_narrowed_by_a_lowering_guard(int8_tiny, tmp_path):
+    """A conv model lowered to XNNPACK: the planned bound is what the program runs, and it is enforced."""
+    path = tmp_path / "conv.pte"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = deploy.export_executorch(int8_tiny, (torch.randn(2, 1, 8, 8),), path, max_batch=32)
+    run = deploy.load_executorch(path)
+    narrowed = [w for w in caught if "narrowed the batch range" in str(w.message)]
+    assert 2 <= summary.max_batch <= 32 and run.max_batch == summary.max_batch
+    assert bool(narrowed) == (summary.max_batch < 32)  # warned exactly when narrowed
+    assert run.input_shape[0] >= run.max_batch
+    for rows in (1, run.max_batch):
+        x = torch.randn(rows, 1, 8, 8)
+        assert deploy.parity(torch.as_tensor(run(x)), int8_tiny(x))["max_abs_diff"] < 0.1
+    with pytest.raises(ValueError, match=f"1..{run.max_batch} rows, got {run.max_batch + 1}"):
+        run(torch.randn(run.max_batch + 1, 1, 8, 8))
+
+
+def test_executorch_static_program_refuses_other_batch_sizes(int8_tiny, tmp_path):
+    path = tmp_path / "static.pte"
+    summary = deploy.export_executorch(int8_tiny, (torch.randn(2, 1, 8, 8),), path)
+    assert summary.max_batch is None
+    run = deploy.load_executorch(path)
+    assert run.max_batch is None and run.input_shape[0] == 2
+    with pytest.raises(ValueError, match="exported for batch 2, got 3 rows"):
+        run(torch.randn(3, 1, 8, 8))
+
+
+def test_export_executorch_bad_max_batch(tmp_path):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="max_batch must be None or an int >= 2, got 1"):
+        deploy.export_executorch(model, (torch.randn(2, 1, 8, 8),), tmp_path / "x.pte", max_batch=1)
+    with pytest.raises(ValueError, match="example batch must have 2..4 rows"):
+        deploy.export_executorch(model, (torch.randn(1, 1, 8, 8),), tmp_path / "x.pte", max_batch=4)
+
+
+def test_onnx_metadata_is_stripped(int8_tiny, tmp_path):
+    import onnx
+
+    kept = deploy.export_onnx(int8_tiny, (torch.randn(2, 1, 8, 8),), tmp_path / "kept.onnx",
+                              strip_metadata=False)
+    stripped = deploy.export_onnx(int8_tiny, (torch.randn(2, 1, 8, 8),), tmp_path / "stripped.onnx")
+    assert stripped < kept
+    nodes = onnx.load(str(tmp_path / "stripped.onnx")).graph.node
+    assert nodes and not any(n.metadata_props for n in nodes)
+    assert any(n.metadata_props for n in onnx.load(str(tmp_path / "kept.onnx")).graph.node)
+    assert deploy.strip_onnx_metadata(tmp_path / "kept.onnx") == kept - stripped
+
+
 def test_onnx_round_trip(int8_tiny, tmp_path):
     import onnx
 
@@ -152,4 +222,8 @@ def test_format_table_and_plots():
     matplotlib.use("Agg")
     ax = deploy.plot_latency(rows)
     assert len(ax.patches) == 2
+    assert ax.get_ylabel() == "median latency per call (ms)"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["eager"]
+    assert [t.get_text() for t in ax.texts] == ["2.00x"]  # fp32 / int8 above the int8 bar
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"fp32", "int8", "interquartile range"}
     assert len(deploy.plot_sizes(rows).patches) == 2

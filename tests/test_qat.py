@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from qatlab import qat
 from qatlab.models import SmallCNN
@@ -285,3 +286,90 @@ def test_plots_return_axes():
     assert qat.plot_weight_histograms(torch.randn(50), torch.randn(50), step=0.5) is not None
     assert qat.plot_accuracy_table({"x": (97.0, 0.2), "y": (95.0, 0.0)}) is not None
     plt.close("all")
+
+
+def test_plot_qparams_draws_a_constant_zero_point_only_in_the_legend():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ax = qat.plot_qparams({"scale": [0.1, 0.2, 0.2], "zero_point": [0, 0, 0]})
+    assert len(ax.figure.axes) == 1  # no twin axis for a flat line
+    assert "zero-point: 0 at every step" in [t.get_text() for t in ax.get_legend().get_texts()]
+    ax = qat.plot_qparams({"scale": [0.1, 0.2], "zero_point": [3, 4]})
+    assert len(ax.figure.axes) == 2
+    plt.close("all")
+
+
+def test_plot_weight_histograms_bins_are_the_rounding_cells():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w = torch.tensor([0.0, 0.24, 0.26, 0.5, -0.74])
+    ax = qat.plot_weight_histograms(w, w, step=0.5)
+    first = [p for p in ax.patches][: len(ax.patches) // 2]  # the "before" bars, grid points -2..2
+    # 0.24 rounds to 0 and 0.26 to 1 (edge at 0.25 = step / 2); -0.74 to -1
+    assert [p.get_height() for p in first] == [0, 1, 2, 2, 0]
+    plt.close("all")
+
+
+def test_plot_weight_shift_and_accuracy_table():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    before = torch.zeros(2, 3)
+    after = torch.tensor([[0.1, 0.0, 0.3], [0.0, 0.0, 5.0]])
+    ax = qat.plot_weight_shift(before, after, torch.tensor([0.1, 1.0]))
+    assert sum(p.get_height() for p in ax.patches) == 6  # every weight counted (5 steps clipped)
+    ax = qat.plot_accuracy_table({"fp32 x": (97.0, 0.2), "PTQ y": (95.0, 0.1), "QAT z": (96.0, 0.3)},
+                                 points={"fp32 x": [96.8, 97.2], "PTQ y": [94.9, 95.1], "QAT z": [95.7, 96.3]})
+    colors = [p.get_facecolor()[:3] for p in ax.patches]
+    assert len(set(colors)) == 3  # one colour per method
+    assert "does not start at 0" in ax.get_xlabel() and "2 seeds" in ax.get_xlabel()
+    plt.close("all")
+
+
+def test_freeze_pt2e_bn_stats_matches_eager_frozen_bn():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU())
+    model.train()(torch.randn(16, 1, 6, 6) * 2 + 1)  # give BN running statistics
+    x = torch.randn(4, 1, 6, 6)
+    graph = torch.export.export(model.train(), (x,)).module()
+    mean_before = model[1].running_mean.clone()
+    assert qat.freeze_pt2e_bn_stats(graph) == 1
+    assert qat.freeze_pt2e_bn_stats(graph) == 0  # idempotent
+    out = graph(x)
+    assert torch.allclose(out, model.eval()(x), atol=1e-6)  # normalised with running statistics
+    buffers = dict(graph.named_buffers())
+    running = next(v for k, v in buffers.items() if k.endswith("running_mean"))
+    assert torch.equal(running, mean_before)  # and not updated
+    with pytest.raises(TypeError, match="GraphModule"):
+        qat.freeze_pt2e_bn_stats(model)
+
+
+def test_freeze_schedule_freezes_bn_of_an_exported_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).train()
+    graph = torch.export.export(model, (torch.randn(4, 1, 6, 6),)).module()
+    qat.freeze_schedule(freeze_bn_at=1)(0, graph)
+    bn = [n for n in graph.graph.nodes if "batch_norm" in str(n.target)]
+    assert bn and all(n.args[5] for n in bn)
+    qat.freeze_schedule(freeze_bn_at=1)(1, graph)
+    assert all(not n.args[5] for n in bn)
+
+
+def test_lsq_minmax_init_and_bad_init():
+    w = torch.tensor([[0.1, -0.3], [0.8, 0.2]])
+    fq = qat.LSQFakeQuantize(bits=4, channels=2, init="minmax")
+    fq(w)
+    assert torch.allclose(fq.scale.detach(), torch.tensor([0.3, 0.8]) / 7.5)
+    paper = qat.LSQFakeQuantize(bits=4, channels=2)
+    paper(w)
+    assert torch.allclose(paper.scale.detach(), 2 * torch.tensor([0.2, 0.5]) / 7 ** 0.5)
+    with pytest.raises(ValueError, match="'mse'"):
+        qat.LSQFakeQuantize(init="mse")
