@@ -59,6 +59,28 @@ def test_freeze_callback_forgets_bn():
         check_freeze_callback(make)
 
 
+def test_freeze_callback_equality_instead_of_ge():
+    """``t == step`` passes a step-by-step run (freezing is sticky) but not a resumed one."""
+    eq = lambda t, at: t == at  # noqa: E731
+    with pytest.raises(ExerciseError, match=r"first called at t=3 \(training resumed.*not only at t =="):
+        check_freeze_callback(_freeze(eq, eq))
+    with pytest.raises(ExerciseError, match=r"freeze_bn_at=1: a callback first called at t=3"):
+        check_freeze_callback(_freeze(ge, eq))
+
+
+def test_freeze_callback_not_handling_none():
+    def make(freeze_observers_at, freeze_bn_at):
+        def callback(t, model):
+            if t >= freeze_observers_at:
+                model.apply(disable_observer)
+            if t >= freeze_bn_at:
+                model.apply(freeze_bn_stats)
+        return callback
+
+    with pytest.raises(ExerciseError, match=r"freeze_observers_at=None your callback raised TypeError.*is not None"):
+        check_freeze_callback(make)
+
+
 def test_freeze_callback_not_returning_a_function():
     with pytest.raises(ExerciseError, match="returned NoneType"):
         check_freeze_callback(lambda a, b: None)
@@ -81,6 +103,23 @@ def test_scale_gradient_identity():
 def test_scale_gradient_detached():
     with pytest.raises(ExerciseError, match="whole expression is detached"):
         check_scale_gradient(lambda x, g: x.detach())
+
+
+def test_scale_gradient_hook_compounds_over_calls():
+    def with_hook(x, g):
+        x.register_hook(lambda grad: grad * g)
+        return x
+
+    with pytest.raises(ExerciseError, match=r"call 2.*scaled by g\*\*2.*register_hook"):
+        check_scale_gradient(with_hook)
+
+
+def test_scale_gradient_check_emits_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ExerciseError, match="did you return x \\* g"):
+            check_scale_gradient(lambda x, g: x * g)
+        assert check_scale_gradient(lambda x, g: (x - x * g).detach() + x * g) is True
 
 
 def test_scale_gradient_divides():

@@ -54,6 +54,18 @@ def check_freeze_callback(make_freeze_callback):
     if not callable(make_freeze_callback):
         raise ExerciseError(f"pass the function itself, got {type(make_freeze_callback).__name__}")
     all_observing, _ = _state(_tiny_qat_model())
+
+    def call(callback, t, model, obs_at, bn_at):
+        try:
+            callback(t, model)
+        except TypeError as e:
+            if obs_at is None or bn_at is None:
+                which = "freeze_observers_at" if obs_at is None else "freeze_bn_at"
+                raise ExerciseError(f"with {which}=None your callback raised TypeError ({e}). None "
+                                    f"means 'never freeze': test `{which} is not None` before "
+                                    f"comparing t with it.") from e
+            raise
+
     for obs_at, bn_at in ((2, 1), (1, 3), (None, 0), (0, None), (None, None)):
         model = _tiny_qat_model()
         callback = make_freeze_callback(obs_at, bn_at)
@@ -61,7 +73,7 @@ def check_freeze_callback(make_freeze_callback):
             raise ExerciseError(f"make_freeze_callback({obs_at}, {bn_at}) returned "
                                 f"{type(callback).__name__}, not a function callback(t, model)")
         for t in range(4):
-            callback(t, model)
+            call(callback, t, model, obs_at, bn_at)
             observing, frozen_bn = _state(model)
             want_obs_frozen = obs_at is not None and t >= obs_at
             want_bn_frozen = bn_at is not None and t >= bn_at
@@ -82,6 +94,19 @@ def check_freeze_callback(make_freeze_callback):
             if not want_bn_frozen and frozen_bn:
                 raise ExerciseError(f"{where}: BN statistics should still update, but 'block.0' is "
                                     f"frozen. Check the BN threshold (>=, and None means never).")
+    # training resumed from a checkpoint at step 3: a callback that fires only AT the step never fires
+    for obs_at, bn_at in ((1, None), (None, 1)):
+        model = _tiny_qat_model()
+        call(make_freeze_callback(obs_at, bn_at), 3, model, obs_at, bn_at)
+        observing, frozen_bn = _state(model)
+        if obs_at is not None and observing:
+            raise ExerciseError(f"freeze_observers_at={obs_at}: a callback first called at t=3 (training "
+                                f"resumed from a checkpoint) left {len(observing)} observers on. Freeze "
+                                f"for every t >= freeze_observers_at, not only at t == freeze_observers_at.")
+        if bn_at is not None and not frozen_bn:
+            raise ExerciseError(f"freeze_bn_at={bn_at}: a callback first called at t=3 (training resumed "
+                                f"from a checkpoint) left BN statistics updating. Freeze for every "
+                                f"t >= freeze_bn_at, not only at t == freeze_bn_at.")
     return passed("freeze schedule")
 
 
@@ -97,26 +122,39 @@ def check_scale_gradient(scale_gradient):
     out = scale_gradient(x, g)
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         raise ExerciseError(f"return a tensor shaped like x {tuple(x.shape)}, got {out!r}")
-    diff = (out.detach() - x.detach()).abs()
+    value = out.detach()
+    diff = (value - x.detach()).abs()
     if diff.max() > 1e-6:
         i = int((diff > 1e-6).nonzero()[0])  # the first element that differs
-        ratio = float(out[i].detach() / x[i].detach())
-        raise ExerciseError(f"the forward value must stay x: element [{i}] is {float(out[i]):.4g} "
-                            f"but x[{i}] is {float(x[i]):.4g} (ratio {ratio:.4g}"
+        ratio = float(value[i] / x.detach()[i])
+        raise ExerciseError(f"the forward value must stay x: element [{i}] is {float(value[i]):.4g} "
+                            f"but x[{i}] is {float(x.detach()[i]):.4g} (ratio {ratio:.4g}"
                             f"{', that is g: did you return x * g?' if abs(ratio - g) < 1e-6 else ''})")
     if not out.requires_grad:
         raise ExerciseError("no gradient reaches x: the whole expression is detached. Keep a "
                             "term g * x outside .detach()")
     upstream = torch.tensor([1.0, 2.0, -3.0])
-    out.backward(upstream)
     want = g * upstream
-    if x.grad is None or not torch.allclose(x.grad, want, atol=1e-7):
-        got = None if x.grad is None else x.grad.tolist()
+    # LSQ calls scale_gradient on the same step-size parameter at every training step
+    for step in range(3):
+        if step:
+            x.grad = None
+            out = scale_gradient(x, g)
+        out.backward(upstream)
+        got = None if x.grad is None else x.grad.detach()
+        if got is not None and torch.allclose(got, want, atol=1e-7):
+            continue
         hint = ""
-        if got is not None and torch.allclose(x.grad, upstream):
+        if got is not None and torch.allclose(got, upstream):
             hint = " The gradient is unscaled: did you return x itself?"
-        elif got is not None and torch.allclose(x.grad, upstream / g):
+        elif got is not None and torch.allclose(got, upstream / g):
             hint = " The gradient is divided by g instead of multiplied."
-        raise ExerciseError(f"for upstream gradient {upstream.tolist()} and g={g}, x.grad should be "
-                            f"{want.tolist()}, got {got}.{hint}")
+        elif got is not None and step and torch.allclose(got, g ** (step + 1) * upstream):
+            hint = (f" At call {step + 1} on the same tensor the gradient was scaled by g**{step + 1}: "
+                    f"a hook registered on x stays on x, and one more piles up at every call "
+                    f"(LSQ calls this at every step). Build the scaling into the returned "
+                    f"expression instead of x.register_hook.")
+        raise ExerciseError(f"call {step + 1}: for upstream gradient {upstream.tolist()} and g={g}, "
+                            f"x.grad should be {want.tolist()}, got "
+                            f"{None if got is None else got.tolist()}.{hint}")
     return passed("LSQ gradient scaling")
