@@ -737,17 +737,21 @@ def _requantize_layer(acc, bias, kernel, input_scale, weight_scale, output_scale
 
 
 def adaptive_avg_pool2d_int8(x_q, output_size, *, input_scale, input_zero_point, output_scale,
-                             output_zero_point):
-    """torch's quantized ``adaptive_avg_pool2d`` (x86, channels-last) on uint8. 09_integer_kernels.
+                             output_zero_point, channels_last=True):
+    """torch's quantized ``adaptive_avg_pool2d`` on uint8, both of its CPU paths. 09_integer_kernels.
 
-    For each window of ``n`` inputs (start = ⌊i·H/h⌋, end = ⌈(i+1)·H/h⌉)::
+    Windows: start = ⌊i·H/h⌋, end = ⌈(i+1)·H/h⌉, ``n`` inputs each. A
+    channels-last input (what the int8 convolutions return) takes the NHWC
+    kernel, which subtracts the zero-point and requantizes::
 
         acc = Σ (x_q − z_x)                                  int32
         m   = (s_x / s_y) / n                                float32
         y_q = clamp(nearbyint(float(acc) · (1 / (1 / m))) + z_y, 0, 255)
 
     (``quantize_val(1.0f / m, ...)`` multiplies by the reciprocal of its scale,
-    so ``m`` is inverted twice in float32.)
+    so ``m`` is inverted twice in float32). A contiguous (NCHW) input takes
+    the other kernel, which keeps the input's scale and zero-point and averages
+    the stored integers: ``y_q = nearbyint(float(Σ x_q) · ((1 / kh) / kw))``.
     """
     _check_int_tensor(x_q, "x_q", (torch.uint8,))
     if x_q.dim() != 4:
@@ -757,11 +761,14 @@ def adaptive_avg_pool2d_int8(x_q, output_size, *, input_scale, input_zero_point,
     s_y = _check_scale(output_scale, "output_scale").to(_F32)
     zx = int(_check_zero_point(input_zero_point, "input_zero_point", 0, 255))
     zy = int(_check_zero_point(output_zero_point, "output_zero_point", 0, 255))
+    if not channels_last and (float(s_x) != float(s_y) or zx != zy):
+        raise ValueError("torch's NCHW kernel keeps the input's scale and zero-point: pass the same "
+                         "input and output qparams")
     n, c, h, w = x_q.shape
-    x = x_q.contiguous().to(torch.int32) - zx
+    x = x_q.contiguous().to(torch.int32) - (zx if channels_last else 0)
     # window membership as a 0/1 matrix: one integer matmul sums every window
     member = torch.zeros(h * w, oh * ow, dtype=torch.int32)
-    count = torch.zeros(oh * ow, dtype=_F32)
+    sizes = torch.zeros(oh, ow, 2, dtype=_F32)
     for i in range(oh):
         h0, h1 = (i * h) // oh, -(-((i + 1) * h) // oh)
         for j in range(ow):
@@ -769,11 +776,15 @@ def adaptive_avg_pool2d_int8(x_q, output_size, *, input_scale, input_zero_point,
             cell = torch.zeros(h, w, dtype=torch.int32)
             cell[h0:h1, w0:w1] = 1
             member[:, i * ow + j] = cell.reshape(-1)
-            count[i * ow + j] = (h1 - h0) * (w1 - w0)
-    acc = x.reshape(n * c, h * w) @ member                        # Σ (x_q − z_x) per window
+            sizes[i, j] = torch.tensor([h1 - h0, w1 - w0], dtype=_F32)
+    acc = (x.reshape(n * c, h * w) @ member).to(_F32)       # Σ per window, exact
     one = torch.tensor(1.0, dtype=_F32)
-    m = (s_x / s_y) / count                                       # float32, per window
-    y = torch.round(acc.to(_F32) * (one / (one / m))).to(torch.int64) + zy
+    kh, kw = sizes[..., 0].reshape(-1), sizes[..., 1].reshape(-1)
+    if channels_last:
+        m = (s_x / s_y) / (kh * kw)                          # float32, per window
+        y = torch.round(acc * (one / (one / m))).to(torch.int64) + zy
+    else:
+        y = torch.round(acc * ((one / kh) / kw)).to(torch.int64)
     return y.reshape(n, c, oh, ow).clamp(0, 255).to(torch.uint8)
 
 
@@ -850,6 +861,7 @@ def run_eager_layer(module, x, kernel):
     if isinstance(module, nnq.Conv2d):
         y = conv2d_int8(x.int_repr(), p["w_q"], p["bias"], stride=p["stride"], padding=p["padding"],
                         dilation=p["dilation"], groups=p["groups"], **common)
+        y = y.contiguous(memory_format=torch.channels_last)   # torch's int8 convs return NHWC
     else:
         y = linear_int8(x.int_repr(), p["w_q"], p["bias"], **common)
     return torch._make_per_tensor_quantized_tensor(y, p["output_scale"], p["output_zero_point"])
@@ -920,7 +932,8 @@ def integer_kernels(model, engine="x86", has_avx512_vnni=None, scheme=None):
     def pool_forward(self, x):
         y = adaptive_avg_pool2d_int8(x.int_repr(), self.output_size, input_scale=x.q_scale(),
                                      input_zero_point=x.q_zero_point(), output_scale=x.q_scale(),
-                                     output_zero_point=x.q_zero_point())
+                                     output_zero_point=x.q_zero_point(),
+                                     channels_last=x.is_contiguous(memory_format=torch.channels_last))
         return torch._make_per_tensor_quantized_tensor(y, x.q_scale(), x.q_zero_point())
 
     swapped, inside = [], set()
