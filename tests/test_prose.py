@@ -79,7 +79,7 @@ MAKING_OF = [
 
 #: a statement that asks, defines or conditions ("whether QAT beats PTQ", "below 1 means
 #: int8 is faster", "MinMax is best when ...") is not a typed fact
-_HEDGE_BEFORE = re.compile(r"\b(?:whether|if|how much|how to tell|means|meaning|would|could|should|"
+_HEDGE_BEFORE = re.compile(r"\b(?:whether|if|where|when|how much|how to tell|means|meaning|would|could|should|"
                            r"unless|until|expect(?:ed|s)? to|claims?|claimed)\b[^.!?\n;]*$", re.I)
 _HEDGE_AFTER = re.compile(r"^\s*(?:when|if|unless|only if|back|depends)\b", re.I)
 
