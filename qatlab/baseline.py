@@ -27,8 +27,8 @@ RECIPES = {
     "tinymobilenet": {"cls": "TinyMobileNet", "file": "tinymobilenet.pt",
                       "notebook": "06_when_qat_pays_off", "dataset": "mnist5k",
                       "epochs": 8, "lr": 1e-2, "batch_size": 64, "schedule": "onecycle", "seed": 0},
-    "tinyvit": {"cls": "TinyViT", "file": "tinyvit.pt", "notebook": "07_qat_transformers", "dataset": "mnist5k", "epochs": 8,
-                "lr": 5e-3, "batch_size": 64, "schedule": "onecycle", "seed": 0},
+    "tinyvit": {"cls": "TinyViT", "file": "tinyvit.pt", "notebook": "07_qat_transformers",
+                "dataset": "mnist5k", "epochs": 8, "lr": 5e-3, "batch_size": 64, "schedule": "onecycle", "seed": 0},
 }
 _NOT_RECIPE = ("cls", "file", "notebook")
 RECIPE = {k: v for k, v in RECIPES["smallcnn"].items() if k not in _NOT_RECIPE}
@@ -55,10 +55,10 @@ def make_model(model="smallcnn", data=None):
     return cls(in_channels=data.input_shape[0], input_size=data.input_shape[1])
 
 
-def save_checkpoint(model, path, **meta):
-    """Save ``{"state_dict", "meta"}`` atomically: the old file stays until the new one is whole."""
+def save_checkpoint(net, path, **meta):
+    """Save ``{"state_dict", "meta"}`` of ``net`` atomically: the old file stays until the new one is whole."""
     with atomic_path(path) as tmp:
-        torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
+        torch.save({"state_dict": net.state_dict(), "meta": meta}, tmp)
     return path
 
 

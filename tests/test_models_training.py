@@ -96,3 +96,32 @@ def test_checkpoint_roundtrip_weights_only(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temp files left
     with pytest.raises(FileNotFoundError, match="notebook 00"):
         qatlab.load_baseline(tmp_path / "missing.pt", train_if_missing=False)
+
+
+@pytest.mark.parametrize("name", ["smallcnn", "tinymobilenet", "tinyvit"])
+def test_train_baseline_saves_a_loadable_checkpoint(tmp_path, name):
+    path = tmp_path / f"{name}.pt"
+    net, history = qatlab.train_baseline(epochs=0, path=path, model=name)
+    assert history["epoch"] == [] and path.exists()
+    loaded = qatlab.load_baseline(path, model=name)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(loaded(x), net.eval()(x))
+    assert loaded.baseline_meta["model"] == name and loaded.baseline_meta["epochs"] == 0
+
+
+def test_corrupt_or_foreign_checkpoint_is_retrained_or_rejected(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt"):
+        qatlab.load_baseline(path, train_if_missing=False)
+    qatlab.save_checkpoint(qatlab.SmallCNN(), path)  # a SmallCNN is not a TinyViT
+    with pytest.raises(ValueError, match="not a tinyvit"):
+        qatlab.load_baseline(path, train_if_missing=False, model="tinyvit")
+    calls = []
+    monkeypatch.setattr(qatlab.baseline, "train_baseline",
+                        lambda **kw: calls.append(kw) or (qatlab.TinyViT(), {}))
+    with pytest.warns(UserWarning, match="training it again"):
+        qatlab.load_baseline(path, model="tinyvit")
+    assert calls == [{"path": path, "model": "tinyvit"}]
+    with pytest.raises(ValueError, match="model must be one of"):
+        qatlab.load_baseline(path, model="resnet")
