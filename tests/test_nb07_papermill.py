@@ -5,7 +5,9 @@ import pytest
 
 @pytest.mark.notebook
 def test_nb07_runs_with_seed_1(run_notebook, notebook_build):
-    r = run_notebook("07_qat_transformers", seed=1, seeds=2, extra_steps=16, repeats=5)
+    # one torch thread: this model's ops are too small to gain much from a second one, and a
+    # second thread stalls every op when the machine is busy
+    r = run_notebook("07_qat_transformers", seed=1, seeds=2, extra_steps=16, repeats=5, threads=1)
     assert r["groupwise_bitexact"] == 1
     assert r["seeds"] == 2
     assert 85.0 < r["fp32_acc"] <= 100.0
