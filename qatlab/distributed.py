@@ -41,7 +41,10 @@ def _env_world_size():
 
 @dataclass
 class Dist:
-    """Who this process is: ``rank`` of ``world_size``, its device and backend."""
+    """Who this process is: ``rank`` of ``world_size``, its device and backend.
+
+    Taught in 08_qat_at_scale.
+    """
 
     rank: int = 0
     world_size: int = 1
@@ -92,7 +95,10 @@ def init_distributed(backend="auto", timeout=600.0):
 
 
 def gather_to_rank0(obj, d):
-    """Every rank's ``obj`` as a list on rank 0 (``None`` elsewhere): ``torch.distributed.gather_object``."""
+    """Every rank's ``obj`` as a list on rank 0 (``None`` elsewhere): ``torch.distributed.gather_object``.
+
+    Taught in 08_qat_at_scale.
+    """
     if not d.distributed:
         return [obj]
     import torch.distributed as dist
@@ -127,6 +133,8 @@ def capture_rng():
 
     ``{"torch": ByteTensor, "cuda": [ByteTensor...], "numpy": {...}, "python": tuple}``;
     numpy's key array is stored as a tensor (``weights_only`` loads no numpy arrays).
+
+    Taught in 08_qat_at_scale.
     """
     import numpy as np
     import torch
@@ -141,6 +149,8 @@ def capture_rng():
 
 def restore_rng(state):
     """Inverse of :func:`capture_rng`.
+
+    Taught in 08_qat_at_scale.
 
     >>> import torch
     >>> s = capture_rng(); a = torch.rand(3); restore_rng(s); torch.equal(a, torch.rand(3))
@@ -230,6 +240,8 @@ def torchrun_command(module_args, nproc=2, module="qatlab.train_qat", max_restar
     rendezvous store listens on ``127.0.0.1`` (loopback only, port 0 = any free port).
     ``nproc=None`` gives the plain one-process command, without torchrun.
 
+    Taught in 08_qat_at_scale.
+
     >>> torchrun_command(["--steps", "5"], nproc=None, python="python")
     ['python', '-m', 'qatlab.train_qat', '--steps', '5']
     >>> torchrun_command(["--steps", "5"], nproc=2, python="python")[:6]
@@ -267,6 +279,8 @@ def tagged_processes(tag):
     """``{pid: info}`` of every live (not zombie) process whose environment carries ``QATLAB_JOB=tag``.
 
     Reads ``/proc``, so it works on Linux; elsewhere it returns ``{}``.
+
+    Taught in 08_qat_at_scale.
     """
     if not os.path.isdir("/proc"):
         return {}

@@ -11,7 +11,8 @@ What a run does, on every process (rank):
 
 1. joins the process group when ``torchrun`` started it (gloo on CPU, nccl when CUDA is present);
 2. loads the fp32 baseline (:func:`qatlab.baseline.load_baseline`) and prepares eager QAT
-   (:func:`qatlab.qat.prepare_eager_qat` with :func:`qatlab.qat.make_qconfig`);
+   (:func:`qatlab.qat.prepare_eager_qat` with :func:`qatlab.qat.make_qconfig`), or with
+   ``--api pt2e`` exports it and prepares PT2E QAT (``prepare_qat_pt2e``, XNNPACK quantizer);
 3. wraps it in ``DistributedDataParallel`` and trains with SGD on its share of every global
    batch (``DistributedSampler``): ``global_batch_size = world_size * per_rank_batch``;
 4. freezes BN statistics and observers on the step schedule of :func:`qatlab.qat.freeze_schedule`;
@@ -27,7 +28,8 @@ Files in ``--out`` (written by rank 0, atomically):
   rank's RNG (torch, numpy, python), and the freeze state. The data position needs no state:
   the sampler's order is a function of ``(seed, epoch)``, so step ``k`` is epoch
   ``k // steps_per_epoch``, batch ``k % steps_per_epoch``.
-- ``model_int8.pt``: the converted int8 model's ``state_dict`` (load it with :func:`load_int8_model`).
+- ``model_int8.pt``: the converted int8 model's ``state_dict`` (``model_int8.pt2``, an
+  ``ExportedProgram``, with ``--api pt2e``); load either with :func:`load_int8_model`.
 - ``metrics.json``: losses, accuracies, per-rank scales, digests, timings.
 """
 
@@ -55,7 +57,7 @@ from .distributed import (
 
 FORMAT = "qatlab.train_qat/1"
 # settings that must match for --resume to continue the same run (``steps`` may grow)
-RECIPE_KEYS = ("model", "dataset", "global_batch_size", "lr", "momentum", "weight_bits",
+RECIPE_KEYS = ("model", "dataset", "api", "global_batch_size", "lr", "momentum", "weight_bits",
                "activation_bits", "freeze_bn_at", "freeze_observers_at", "seed",
                "broadcast_buffers", "augment_shift", "sync_bn")
 
@@ -92,6 +94,7 @@ class Config:
 
     model: str = "smallcnn"
     dataset: str = "mnist5k"
+    api: str = "eager"
     steps: int = 40
     global_batch_size: int = 64
     lr: float = 0.01
@@ -123,6 +126,8 @@ class Config:
         if self.model == "tinyvit":
             raise ValueError("--model tinyvit has no conv-BN blocks and no QuantStub, so the eager "
                              "recipe cannot prepare it; use smallcnn or tinymobilenet")
+        if self.api not in ("eager", "pt2e"):
+            raise ValueError(f"--api must be eager or pt2e, got {self.api!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         for name in ("steps", "global_batch_size", "log_every"):
@@ -152,6 +157,17 @@ class Config:
             raise ValueError(f"--backend must be auto, gloo or nccl, got {self.backend!r}")
         if not (isinstance(self.timeout, int | float) and self.timeout > 0):
             raise ValueError(f"--timeout must be a positive number of seconds, got {self.timeout!r}")
+        if self.api == "pt2e":
+            if (self.weight_bits, self.activation_bits) != (8, 8):
+                raise ValueError(f"--api pt2e uses XNNPACK's 8-bit QAT config; got --weight-bits "
+                                 f"{self.weight_bits} --activation-bits {self.activation_bits}")
+            if self.freeze_bn_at is not None:
+                raise ValueError(f"--api pt2e cannot freeze BN statistics during training (got --freeze-bn-at "
+                                 f"{self.freeze_bn_at}); the exported graph has no freeze_bn_stats: use "
+                                 f"--freeze-bn-at never")
+            if self.sync_bn:
+                raise ValueError("--sync-bn needs the eager API: an exported graph's BatchNorm is an "
+                                 "operator, not a module that convert_sync_batchnorm can replace")
 
     def per_rank_batch(self, world_size):
         """The batch each of ``world_size`` processes trains on: ``global_batch_size / world_size``."""
@@ -166,7 +182,10 @@ class Config:
 
 
 def build_parser():
-    """The argparse parser of ``python -m qatlab.train_qat`` (see ``--help``)."""
+    """The argparse parser of ``python -m qatlab.train_qat`` (see ``--help``).
+
+    Taught in 08_qat_at_scale.
+    """
     p = argparse.ArgumentParser(
         prog="python -m qatlab.train_qat",
         description="Quantization-aware training (eager torch.ao recipe) of a qatlab baseline, on one "
@@ -178,6 +197,9 @@ def build_parser():
     p.add_argument("--model", default=d.model, help="baseline to quantize: smallcnn or tinymobilenet "
                    "(default: %(default)s; trained first if its checkpoint is missing)")
     p.add_argument("--dataset", default=d.dataset, help="qatlab dataset (default: %(default)s, offline)")
+    p.add_argument("--api", default=d.api, choices=("eager", "pt2e"),
+                   help="eager: torch.ao prepare_qat/convert (default); pt2e: torch.export + "
+                        "prepare_qat_pt2e with XNNPACKQuantizer + convert_pt2e")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in total (default: %(default)s)")
     p.add_argument("--global-batch-size", type=int, default=d.global_batch_size,
                    help="images per step over all processes; each gets 1/world_size (default: %(default)s)")
@@ -186,7 +208,8 @@ def build_parser():
     p.add_argument("--weight-bits", type=int, default=d.weight_bits, help="default: %(default)s")
     p.add_argument("--activation-bits", type=int, default=d.activation_bits, help="default: %(default)s")
     p.add_argument("--freeze-bn-at", type=_never_or_int, default=_DEFAULT, metavar="STEP",
-                   help="freeze BN statistics from this step on, or 'never' (default: half of --steps)")
+                   help="freeze BN statistics from this step on, or 'never' (default: half of --steps; "
+                        "never with --api pt2e)")
     p.add_argument("--freeze-observers-at", type=_never_or_int, default=_DEFAULT, metavar="STEP",
                    help="freeze observers (scale, zero-point) from this step on, or 'never' "
                         "(default: three quarters of --steps)")
@@ -216,15 +239,18 @@ def build_parser():
 
 
 def parse_args(argv=None, world_size=None):
-    """Parse and validate a command line into a :class:`Config`; bad values exit with a usage error."""
+    """Parse and validate a command line into a :class:`Config`; bad values exit with a usage error.
+
+    Taught in 08_qat_at_scale.
+    """
     parser = build_parser()
     ns = parser.parse_args(argv)
     world_size = _env_world_size() if world_size is None else world_size
     values = vars(ns)
     if values["freeze_bn_at"] is _DEFAULT:
-        values["freeze_bn_at"] = values["steps"] // 2 if isinstance(values["steps"], int) else None
+        values["freeze_bn_at"] = values["steps"] // 2 if values["api"] == "eager" else None
     if values["freeze_observers_at"] is _DEFAULT:
-        values["freeze_observers_at"] = 3 * values["steps"] // 4 if isinstance(values["steps"], int) else None
+        values["freeze_observers_at"] = 3 * values["steps"] // 4
     try:
         cfg = Config(**values)
         cfg.per_rank_batch(world_size)
@@ -237,35 +263,48 @@ def parse_args(argv=None, world_size=None):
 
 
 def fake_quant_modules(model):
-    """``[(name, module)]`` of every FakeQuantize (activations and weights), in module order."""
+    """``[(name, module)]`` of every FakeQuantize (activations and weights), in module order.
+
+    Taught in 08_qat_at_scale.
+    """
     return [(n, m) for n, m in model.named_modules()
             if hasattr(m, "observer_enabled") and hasattr(m, "scale") and hasattr(m, "disable_observer")]
 
 
 def scale_vector(model):
-    """Every fake-quantizer's scale, flattened into one float64 vector (see :func:`scale_layout`)."""
+    """Every fake-quantizer's scale, flattened into one float64 vector (see :func:`scale_layout`).
+
+    Taught in 08_qat_at_scale.
+    """
     import torch
 
     return torch.cat([m.scale.detach().double().cpu().flatten() for _, m in fake_quant_modules(model)])
 
 
 def scale_layout(model):
-    """``[(name, kind, start, stop)]``: where each fake-quantizer's scale sits in :func:`scale_vector`."""
+    """``[(name, kind, start, stop)]``: where each fake-quantizer's scale sits in :func:`scale_vector`.
+
+    Taught in 08_qat_at_scale.
+    """
     out, i = [], 0
     for name, m in fake_quant_modules(model):
         n = m.scale.numel()
-        out.append((name, "weight" if name.endswith("weight_fake_quant") else "activation", i, i + n))
+        per_channel = "per_channel" in str(getattr(m, "qscheme", ""))  # weights; activations are per tensor
+        out.append((name, "weight" if per_channel else "activation", i, i + n))
         i += n
     return out
 
 
 # --- model and data -------------------------------------------------------------------------
 
-def build_qat_model(cfg, rank=0, distributed=False):
-    """The baseline ``cfg.model``, fused and prepared for eager QAT (train mode).
+def build_qat_model(cfg, rank=0, distributed=False, input_shape=None):
+    """The baseline ``cfg.model`` prepared for QAT (train mode): eager or PT2E (``cfg.api``).
 
     Rank 0 loads (or, when missing, trains and saves) the baseline first; the other ranks
-    wait at a barrier and then load the saved file, so it is trained once.
+    wait at a barrier and then load the saved file, so it is trained once. ``input_shape``
+    (C, H, W) of the data must be the one the baseline was trained on.
+
+    Taught in 08_qat_at_scale.
     """
     from .baseline import load_baseline
     from .qat import make_qconfig, prepare_eager_qat
@@ -280,9 +319,38 @@ def build_qat_model(cfg, rank=0, distributed=False):
             model = load_baseline(model=cfg.model, train_if_missing=False)
     else:
         model = load_baseline(model=cfg.model)
+    want = (model.in_channels, model.input_size, model.input_size)
+    if input_shape is not None and tuple(input_shape) != want:
+        raise ValueError(f"--dataset {cfg.dataset} has images {tuple(input_shape)}, but the "
+                         f"{cfg.model} baseline was trained on {want}")
+    if cfg.api == "pt2e":
+        return _prepare_pt2e(model.train(), want)
     with _quiet_eager_api():
         prepare_eager_qat(model.train(), make_qconfig(cfg.weight_bits, cfg.activation_bits))
     return model
+
+
+def _prepare_pt2e(model, input_shape):
+    """``torch.export`` (batch dimension dynamic) → ``prepare_qat_pt2e`` with XNNPACK's QAT config.
+
+    The same steps as notebook 04; the result takes ``.train()`` / ``.eval()``
+    (:func:`qatlab.qat.allow_train_eval`).
+    """
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    from .qat import allow_train_eval
+
+    example = (torch.zeros(2, *input_shape),)  # zeros: exporting draws no random numbers
+    exported = torch.export.export(model, example, dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_qat=True))
+    prepared = allow_train_eval(prepare_qat_pt2e(exported, quantizer))
+    prepared.input_shape = tuple(input_shape)
+    return prepared.train()
 
 
 @contextlib.contextmanager
@@ -303,6 +371,8 @@ def shift_images(x, pixels):
     """Translate each image by its own random ``(dy, dx)`` in ``[-pixels, pixels]`` (torch RNG).
 
     ``pixels=0`` returns ``x`` and draws nothing.
+
+    Taught in 08_qat_at_scale.
 
     >>> import torch
     >>> x = torch.arange(16.).reshape(1, 1, 4, 4)
@@ -333,13 +403,17 @@ class _SkipSampler:
 # --- checkpoints ----------------------------------------------------------------------------
 
 def checkpoint_path(out):
+    """``<out>/checkpoint.pt``: where a run in ``out`` checkpoints and resumes. Taught in 08_qat_at_scale."""
     from pathlib import Path
 
     return Path(out) / "checkpoint.pt"
 
 
 def save_checkpoint(path, *, step, recipe, optimizer, freeze, rank_states):
-    """Write the training state atomically (:func:`qatlab.files.atomic_path`): all or nothing."""
+    """Write the training state atomically (:func:`qatlab.files.atomic_path`): all or nothing.
+
+    Taught in 08_qat_at_scale.
+    """
     import torch
 
     from .files import atomic_path
@@ -356,6 +430,8 @@ def load_checkpoint(path, recipe=None):
 
     A checkpoint from another run (other model, batch, schedule, seed or world size) raises
     ``ValueError`` naming every setting that differs.
+
+    Taught in 08_qat_at_scale.
     """
     import torch
 
@@ -371,8 +447,26 @@ def load_checkpoint(path, recipe=None):
     return ckpt
 
 
+def cpu_state_dict(model):
+    """A CPU copy of ``model.state_dict()`` that keeps its ``_metadata`` (each module's version).
+
+    Without it, ``load_state_dict`` takes the state for an old version: torchao's observers,
+    for one, then reset their ``eps`` to the float32 default (PT2E's XNNPACK config sets
+    ``2**-12``), and the resumed state is no longer the saved one. Taught in 08_qat_at_scale.
+    """
+    from collections import OrderedDict
+
+    state = model.state_dict()
+    out = OrderedDict((k, v.detach().cpu().clone()) for k, v in state.items())
+    out._metadata = copy.deepcopy(getattr(state, "_metadata", OrderedDict()))
+    return out
+
+
 def freeze_state(model):
-    """``{"observers_frozen", "bn_frozen"}`` of a prepared eager QAT model, read from its modules."""
+    """``{"observers_frozen", "bn_frozen"}`` of a prepared eager QAT model, read from its modules.
+
+    Taught in 08_qat_at_scale.
+    """
     fqs = [m for _, m in fake_quant_modules(model)]
     bns = [m for m in model.modules() if hasattr(m, "freeze_bn")]
     return {"observers_frozen": bool(fqs) and all(int(m.observer_enabled[0]) == 0 for m in fqs),
@@ -388,10 +482,10 @@ def restore_freeze_state(model, freeze):
     Taught in 08_qat_at_scale.
     """
     from torch.ao.nn.intrinsic.qat import freeze_bn_stats
-    from torch.ao.quantization import disable_observer
 
     if freeze["observers_frozen"]:
-        model.apply(disable_observer)
+        for _, m in fake_quant_modules(model):  # torch.ao's and torchao's (PT2E) FakeQuantize
+            m.disable_observer()
     if freeze["bn_frozen"]:
         model.apply(freeze_bn_stats)
     return model
@@ -400,21 +494,74 @@ def restore_freeze_state(model, freeze):
 # --- convert and ship -----------------------------------------------------------------------
 
 def convert_int8(model):
-    """A converted (int8, CPU) copy of a QAT model; ``model`` itself is left as it is."""
+    """A converted (int8, CPU) copy of a QAT model; ``model`` itself is left as it is.
+
+    Eager: ``torch.ao.quantization.convert``. PT2E (a ``GraphModule``):
+    ``move_exported_model_to_eval`` then ``convert_pt2e``.
+
+    Taught in 08_qat_at_scale.
+    """
+    import torch
+
+    m = copy.deepcopy(model).cpu()
+    if isinstance(m, torch.fx.GraphModule):
+        from torchao.quantization.pt2e import move_exported_model_to_eval
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+        from .qat import allow_train_eval
+
+        m = move_exported_model_to_eval(m)
+        m.training = False
+        converted = allow_train_eval(convert_pt2e(m)).eval()
+        converted.input_shape = model.input_shape  # a deepcopy of a GraphModule drops extra attributes
+        return converted
     from torch.ao.quantization import convert
 
-    m = copy.deepcopy(model).cpu().eval()
     with _quiet_eager_api():
-        return convert(m)
+        return convert(m.eval())
+
+
+def save_int8_model(model, path, meta):
+    """Write a converted model atomically: eager → ``state_dict`` + ``meta`` (``.pt``);
+    PT2E → a re-exported ``ExportedProgram`` (``.pt2``). Returns the path written.
+
+    Taught in 08_qat_at_scale.
+    """
+    import io
+    from pathlib import Path
+
+    import torch
+
+    from .files import atomic_path
+
+    path = Path(path)
+    if isinstance(model, torch.fx.GraphModule):
+        path = path.with_suffix(".pt2")
+        example = (torch.zeros(2, *model.input_shape),)
+        program = torch.export.export(model, example, dynamic_shapes=({0: torch.export.Dim("batch")},))
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)  # to memory first: the temporary name is not *.pt2
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buffer.getvalue())
+        return path
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
+    return path
 
 
 def load_int8_model(path):
-    """The int8 model that ``python -m qatlab.train_qat`` shipped (``model_int8.pt``), in eval mode.
+    """The int8 model that ``python -m qatlab.train_qat`` shipped, in eval mode.
 
-    Rebuilds the converted module structure from the recorded model name and bit widths and
-    loads the saved ``state_dict`` with ``weights_only=True``. Taught in 08_qat_at_scale.
+    ``model_int8.pt`` (eager): rebuilds the converted module structure from the recorded model
+    name and bit widths and loads the saved ``state_dict`` with ``weights_only=True``.
+    ``model_int8.pt2`` (PT2E): ``torch.export.load``. Taught in 08_qat_at_scale.
     """
     import torch
+
+    if str(path).endswith(".pt2"):
+        import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
+
+        return torch.export.load(str(path)).module()
 
     from .baseline import make_model
     from .qat import make_qconfig, prepare_eager_qat
@@ -446,7 +593,10 @@ def _log(d, *args):
 
 
 def run(cfg, d=None):
-    """Train, checkpoint, convert and ship as :data:`cfg` says; return the metrics (rank 0) or ``None``."""
+    """Train, checkpoint, convert and ship as :data:`cfg` says; return the metrics (rank 0) or ``None``.
+
+    Taught in 08_qat_at_scale.
+    """
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -467,11 +617,7 @@ def run(cfg, d=None):
     set_seed(cfg.seed + d.rank)  # RNG per rank; the data order uses cfg.seed on every rank
 
     data = load_dataset(cfg.dataset)
-    model = build_qat_model(cfg, d.rank, d.distributed)
-    want = (model.in_channels, model.input_size, model.input_size)
-    if tuple(data.input_shape) != want:
-        raise ValueError(f"--dataset {cfg.dataset} has images {tuple(data.input_shape)}, but the "
-                         f"{cfg.model} baseline was trained on {want}")
+    model = build_qat_model(cfg, d.rank, d.distributed, input_shape=data.input_shape)
     model.to(d.device)
     # the third tensor is each image's index, recorded to compare data orders between runs
     train_set = TensorDataset(data.x_train, data.y_train, torch.arange(len(data.y_train)))
@@ -532,7 +678,7 @@ def run(cfg, d=None):
             f"BN frozen at {cfg.freeze_bn_at}, observers at {cfg.freeze_observers_at}")
 
     def rank_state():
-        return {"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        return {"model": cpu_state_dict(model),
                 "rng": capture_rng(), "records": copy.deepcopy(rec)}
 
     def checkpoint(step):
@@ -588,25 +734,32 @@ def run(cfg, d=None):
 
 
 def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, evaluate, observers_disabled):
-    """After training: per-rank state and models, then rank 0's state on every rank, convert, ship."""
+    """After training: per-rank state and models, then rank 0's state on every rank, convert, ship.
+
+    Eager: every rank converts its own state, then (after :func:`broadcast_state`) rank 0's,
+    and reports both int8 models' digests. PT2E: ``convert_pt2e`` costs seconds per call,
+    so only rank 0 converts (once), and every rank reports the digest of the QAT state it
+    holds after the broadcast: the input of a deterministic convert.
+    """
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from .files import atomic_path
-
     test_loader = DataLoader(TensorDataset(data.x_test, data.y_test), batch_size=500)
+    eager = cfg.api == "eager"
     model.eval()
-    own = convert_int8(model)  # what this rank would ship if it converted its own state
     mine = {"rank": d.rank, "records": rec, "rng_digest": state_digest(capture_rng()),
             "qat_state_digest": state_digest(model.state_dict()),
             "param_digest": state_digest(dict(model.named_parameters())),
-            "bn_running_var": torch.cat([m.running_var.detach().double().cpu().flatten()
-                                         for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]).tolist(),
-            "own_int8_digest": state_digest(own.state_dict()),
-            "own_int8_acc": evaluate(own, test_loader, device="cpu")}
+            "bn_running_var": torch.cat([b.detach().double().cpu().flatten() for n, b in model.named_buffers()
+                                         if n.endswith("running_var")] or [torch.zeros(0)]).tolist(),
+            "own_int8_digest": None, "own_int8_acc": None}
+    if eager:
+        own = convert_int8(model)  # what this rank would ship if it converted its own state
+        mine.update(own_int8_digest=state_digest(own.state_dict()),
+                    own_int8_acc=evaluate(own, test_loader, device="cpu"))
     broadcast_state(model, d, src=0)  # the practitioner's rule: ship rank 0's state, everywhere
-    shipped = convert_int8(model)
-    mine["shipped_digest"] = state_digest(shipped.state_dict())
+    shipped = convert_int8(model) if eager or d.rank == 0 else None
+    mine["shipped_digest"] = state_digest(shipped.state_dict() if eager else model.state_dict())
     ranks = gather_to_rank0(mine, d)
     if d.rank != 0:
         if d.distributed:
@@ -616,11 +769,11 @@ def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, evalua
 
     fq_acc = _evaluate_fake_quant(model, test_loader, d.device, evaluate, observers_disabled)
     int8_acc = evaluate(shipped, test_loader, device="cpu")
-    with atomic_path(os.path.join(out, "model_int8.pt")) as tmp:
-        torch.save({"state_dict": shipped.state_dict(),
-                    "meta": {"model": cfg.model, "weight_bits": cfg.weight_bits,
-                             "activation_bits": cfg.activation_bits, "format": FORMAT}}, tmp)
+    shipped_file = save_int8_model(shipped, os.path.join(out, "model_int8.pt"),
+                                   {"model": cfg.model, "weight_bits": cfg.weight_bits,
+                                    "activation_bits": cfg.activation_bits, "format": FORMAT})
     metrics = _metrics(cfg, d, ranks, layout, fq_acc, int8_acc, resumed_from, started)
+    metrics["shipped_file"] = str(shipped_file)
     _write_json(os.path.join(out, "metrics.json"), metrics)
     _log(d, f"done: fake-quant {fq_acc:.2f} %, int8 {int8_acc:.2f} %, shipped model identical on every "
             f"rank: {bool(metrics['shipped_model_rank_independent'])}; "
@@ -670,6 +823,7 @@ def _metrics(cfg, d, ranks, layout, fq_acc, int8_acc, resumed_from, started):
         "own_int8_digest_per_rank": [r["own_int8_digest"] for r in ranks],
         "shipped_digest_per_rank": [r["shipped_digest"] for r in ranks],
         "shipped_model_rank_independent": int(len({r["shipped_digest"] for r in ranks}) == 1),
+        "rank_independence_of": "int8 model" if cfg.api == "eager" else "QAT state before convert_pt2e",
         "qat_state_digest_per_rank": [r["qat_state_digest"] for r in ranks],
         "param_digest_per_rank": [r["param_digest"] for r in ranks],
         "rng_digest_per_rank": [r["rng_digest"] for r in ranks],
@@ -750,7 +904,10 @@ def _equal(a, b):
 
 
 def main(argv=None):
-    """Entry point of ``python -m qatlab.train_qat`` (and of ``torchrun ... -m qatlab.train_qat``)."""
+    """Entry point of ``python -m qatlab.train_qat`` (and of ``torchrun ... -m qatlab.train_qat``).
+
+    Taught in 08_qat_at_scale.
+    """
     cfg = parse_args(argv)
     run(cfg)
     return 0

@@ -149,6 +149,32 @@ def test_state_digest_sees_int8_qparams():
     assert distributed.state_digest({"w": q1}) != distributed.state_digest({"w": q2})
 
 
+def test_cpu_state_dict_keeps_module_versions():
+    """``state_dict()._metadata`` must travel with the tensors: without it, an observer takes the
+    state for version 1 and resets its ``eps`` (PT2E's XNNPACK config sets 2**-12)."""
+    from torch.ao.quantization.observer import MovingAverageMinMaxObserver
+
+    saved = MovingAverageMinMaxObserver(eps=2.0 ** -12)
+    plain = {k: v.clone() for k, v in saved.state_dict().items()}
+    kept = train_qat.cpu_state_dict(saved)
+    a, b = MovingAverageMinMaxObserver(eps=2.0 ** -12), MovingAverageMinMaxObserver(eps=2.0 ** -12)
+    a.load_state_dict(plain)
+    b.load_state_dict(kept)
+    assert float(a.eps) == torch.finfo(torch.float32).eps  # the trap
+    assert float(b.eps) == 2.0 ** -12
+
+
+def test_pt2e_arguments():
+    cfg = train_qat.parse_args(["--api", "pt2e", "--steps", "8"], world_size=2)
+    assert (cfg.api, cfg.freeze_bn_at, cfg.freeze_observers_at) == ("pt2e", None, 6)
+    with pytest.raises(ValueError, match="--api pt2e cannot freeze BN statistics"):
+        train_qat.Config(api="pt2e", freeze_bn_at=3)
+    with pytest.raises(ValueError, match="--api pt2e uses XNNPACK's 8-bit QAT config"):
+        train_qat.Config(api="pt2e", weight_bits=4)
+    with pytest.raises(ValueError, match="--api must be eager or pt2e, got 'fx'"):
+        train_qat.Config(api="fx")
+
+
 def test_freeze_bn_is_not_in_the_state_dict_so_it_is_restored_explicitly(build):
     import warnings
 
@@ -165,6 +191,53 @@ def test_freeze_bn_is_not_in_the_state_dict_so_it_is_restored_explicitly(build):
     train_qat.restore_freeze_state(b, train_qat.freeze_state(a))
     assert train_qat.freeze_state(b) == train_qat.freeze_state(a)
     assert not b.features[0][0].bn.training
+
+
+def test_pt2e_state_survives_a_checkpoint_bit_for_bit(build, keep_threads):
+    """PT2E (exported graph, torchao FakeQuantize): two steps, a weights-only checkpoint of the
+    state, a freshly exported and prepared model loads it, and one more step gives the same
+    bits as the original. (A full ``--api pt2e`` run also pays ``convert_pt2e``, seconds per
+    call, so the test suite checks the state round trip that resuming depends on.)"""
+    import io
+    import warnings
+
+    torch.set_num_threads(1)
+    cfg = train_qat.parse_args(["--api", "pt2e"], world_size=1)
+    data = qatlab_data()
+    x, y = data.x_train[:32], data.y_train[:32]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = train_qat.build_qat_model(cfg, input_shape=data.input_shape)
+        opt_a = torch.optim.SGD(a.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model, opt):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        for _ in range(2):
+            step(a, opt_a)
+        train_qat.restore_freeze_state(a, {"observers_frozen": True, "bn_frozen": False})
+        buffer = io.BytesIO()
+        torch.save({"model": train_qat.cpu_state_dict(a), "opt": opt_a.state_dict()}, buffer)
+        buffer.seek(0)
+        saved = torch.load(buffer, weights_only=True)
+        b = train_qat.build_qat_model(cfg, input_shape=data.input_shape)
+        b.load_state_dict(saved["model"])
+        opt_b = torch.optim.SGD(b.parameters(), lr=0.01, momentum=0.9)
+        opt_b.load_state_dict(saved["opt"])
+        assert distributed.state_digest(b.state_dict()) == distributed.state_digest(a.state_dict())
+        assert train_qat.freeze_state(b)["observers_frozen"]
+        step(a, opt_a)
+        step(b, opt_b)
+    assert distributed.state_digest(b.state_dict()) == distributed.state_digest(a.state_dict())
+
+
+def qatlab_data():
+    from qatlab.data import load_dataset
+
+    return load_dataset("mnist5k")
 
 
 # --- in one process: resume, and checkpoints of another run ------------------------------
