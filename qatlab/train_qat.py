@@ -649,7 +649,7 @@ def run(cfg, d=None):
                                  "leave it off and freeze BN statistics early (--freeze-bn-at)") from e
             raise
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    schedule = freeze_schedule(cfg.freeze_observers_at, cfg.freeze_bn_at)
+    schedule = freeze_schedule(freeze_observers_at=cfg.freeze_observers_at, freeze_bn_at=cfg.freeze_bn_at)
 
     # per-rank records, carried in the checkpoint so a resumed run reports the whole run
     rec = {"loss": [], "indices": [], "scales": [], "step_seconds": [], "cpu_seconds": 0.0}
