@@ -272,15 +272,18 @@ def export_executorch(model, example_inputs, path, delegate="xnnpack", max_batch
                          summary=info.get_summary().strip(), max_batch=max_batch)
 
 
-def load_executorch(path, threads=2):
+def load_executorch(path, threads=2, max_batch=None):
     """Load a .pte file and return a callable ``run(x) -> logits`` (05_deployment).
 
     ``threads`` sets the size of ExecuTorch's CPU thread pool (the one
     XNNPACK uses). A file that is not an ExecuTorch program raises
     ``ValueError`` naming it. The callable exposes the program's planned input
     shape as ``run.input_shape`` and its batch bound as ``run.max_batch``
-    (``None`` for a program with a fixed batch); a batch outside what the
-    program accepts raises ``ValueError`` before the runtime sees it. The
+    (``None`` for a program with a fixed batch). The bound comes from the
+    file's ``get_max_batch`` method (written by :func:`export_executorch`) or,
+    for a program exported elsewhere with a dynamic batch, from ``max_batch``;
+    either way it is capped at the planned input size. A batch outside what
+    the program accepts raises ``ValueError`` before the runtime sees it. The
     runtime's native log lines about CPU probing and its thread pool are
     filtered out (:func:`qatlab.noise.native_stderr_filtered`); any other
     native output still shows.
@@ -303,9 +306,11 @@ def load_executorch(path, threads=2):
             method = program.load_method("forward")
         except RuntimeError as e:
             raise ValueError(f"{str(path)!r} is not a valid ExecuTorch program: {e}") from e
-        max_batch = None
         if MAX_BATCH_METHOD in program.method_names:
             max_batch = int(program.load_method(MAX_BATCH_METHOD).execute([])[0])
+        elif max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
+                                        or max_batch < 1):
+            raise ValueError(f"max_batch must be None or a positive int, got {max_batch!r}")
     meta = program.metadata("forward")
     shape = tuple(meta.input_tensor_meta(0).sizes())
     if max_batch is not None:
@@ -341,15 +346,15 @@ def _run_batches(run, batches, batch_size, max_batch=None):
     return torch.cat([torch.as_tensor(o).float() for o in outputs])
 
 
-def run_executorch(path, batches, threads=2):
+def run_executorch(path, batches, threads=2, max_batch=None):
     """Run a .pte program over ``batches`` and return the concatenated logits (05_deployment).
 
     ``batches`` is an iterable of tensors or of ``(x, y)`` pairs (a
     DataLoader). A program exported for a fixed batch size ``b`` runs each
-    batch in chunks of ``b`` rows; one exported with ``max_batch=N`` runs
-    each batch in chunks of at most ``N`` rows.
+    batch in chunks of ``b`` rows; one with a batch bound ``N`` (see
+    :func:`load_executorch`) runs each batch in chunks of at most ``N`` rows.
     """
-    run = load_executorch(path, threads=threads)
+    run = load_executorch(path, threads=threads, max_batch=max_batch)
     return _run_batches(run, batches, run.input_shape[0], run.max_batch)
 
 
@@ -497,7 +502,8 @@ def plot_latency(rows, key="b1_ms", err_key="b1_iqr_ms", ax=None, title=None):
     ``<key>_q1`` to ``<key>_q3`` when the row has them (``b1_ms`` →
     ``b1_q1_ms``/``b1_q3_ms``), else ± half of ``err_key``. Each int8 bar is
     labelled with its speed-up over the same runtime's fp32 bar (fp32 time ÷
-    int8 time: above 1 means int8 is faster). Returns the ``ax``.
+    int8 time: above 1 means int8 is faster). When the medians span more than
+    a factor of 10 the y-axis is logarithmic (and says so). Returns the ``ax``.
     """
     import matplotlib.pyplot as plt
 
@@ -531,8 +537,13 @@ def plot_latency(rows, key="b1_ms", err_key="b1_iqr_ms", ax=None, title=None):
                     ax.annotate(f"{fp32[key] / y:.2f}x", (x, y), xytext=(0, 6),
                                 textcoords="offset points", ha="center", fontsize=8)
     ax.set_xticks(range(len(runtimes)), runtimes)
-    ax.set_ylabel("median latency per call (ms)")
-    ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
+    medians = [r[key] for r in rows if r[key] > 0]
+    if medians and max(medians) / min(medians) > 10:  # runtimes an order of magnitude apart: log axis
+        ax.set_yscale("log")
+        ax.set_ylabel("median latency per call (ms, log scale)")
+    else:
+        ax.set_ylabel("median latency per call (ms)")
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
     ax.set_title(title or "latency (label on int8 bars: fp32 time / int8 time)", fontsize=10)
     ax.errorbar([], [], yerr=[], color="black", capsize=3, label="interquartile range")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -687,4 +687,10 @@ def plot_accuracy_table(rows, ax=None, title="same checkpoint, same extra epochs
     n = len(next(iter(points.values()))) if points else None
     extra = f"; bars: mean ± 1 std over {n} seeds, dots: seeds" if n else ""
     ax.set(xlabel=f"test accuracy (%) — axis does not start at 0{extra}", title=title)
+    from matplotlib.patches import Patch
+
+    used = dict.fromkeys(_row_color(k) for k in labels)
+    names = {"C7": "fp32", "C1": "PTQ", "C0": "QAT"}
+    ax.legend(handles=[Patch(color=c, alpha=0.85, label=names[c]) for c in used], fontsize=8,
+              loc="upper left", bbox_to_anchor=(1.08, 1.0))
     return ax

@@ -141,6 +141,25 @@ def test_executorch_static_program_refuses_other_batch_sizes(int8_tiny, tmp_path
         run(torch.randn(3, 1, 8, 8))
 
 
+def test_executorch_dynamic_program_from_elsewhere_takes_a_bound(tmp_path):
+    """A .pte written without qatlab (no get_max_batch method): the caller names the bound."""
+    from executorch.exir import to_edge_transform_and_lower
+
+    model = nn.Sequential(nn.Linear(8, 3)).eval()
+    batch = torch.export.Dim("batch", min=1, max=10)
+    program = torch.export.export(model, (torch.randn(2, 8),), dynamic_shapes=({0: batch},))
+    path = tmp_path / "plain.pte"
+    path.write_bytes(to_edge_transform_and_lower(program).to_executorch().buffer)
+    assert deploy.load_executorch(path).max_batch is None  # looks static without the bound
+    run = deploy.load_executorch(path, max_batch=10)
+    assert run.max_batch == 10 and torch.as_tensor(run(torch.randn(3, 8))).shape == (3, 3)
+    assert deploy.load_executorch(path, max_batch=99).max_batch == 10  # capped at the planned size
+    x = torch.randn(25, 8)
+    assert torch.allclose(deploy.run_executorch(path, [x], max_batch=10), model(x), atol=1e-5)
+    with pytest.raises(ValueError, match="max_batch must be None or a positive int"):
+        deploy.load_executorch(path, max_batch=0)
+
+
 def test_export_executorch_bad_max_batch(tmp_path):
     model = tiny_model()
     with pytest.raises(ValueError, match="max_batch must be None or an int >= 2, got 1"):
@@ -223,6 +242,8 @@ def test_format_table_and_plots():
     ax = deploy.plot_latency(rows)
     assert len(ax.patches) == 2
     assert ax.get_ylabel() == "median latency per call (ms)"
+    wide = rows[:2] + [{"runtime": "et", "precision": "int8", "b1_ms": 0.05, "b1_iqr_ms": 0.01}]
+    assert deploy.plot_latency(wide).get_yscale() == "log"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["eager"]
     assert [t.get_text() for t in ax.texts] == ["2.00x"]  # fp32 / int8 above the int8 bar
     assert {t.get_text() for t in ax.get_legend().get_texts()} == {"fp32", "int8", "interquartile range"}

@@ -1,51 +1,43 @@
-"""Exercise 05: the expected int8 size, with a right answer and typical wrong ones."""
+"""Exercise 05: derive the int8/fp32 byte ratio of a layer and decide when it is near 1/4."""
 
 import pytest
-from torch import nn
 
-from qatlab.exercises import ExerciseError, check_expected_int8_bytes
-
-
-def convs_and_linears(model):
-    return [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+from qatlab.exercises import ExerciseError, check_int8_size_ratio
 
 
-def right(model):
-    return sum(m.weight.numel() + 8 * m.weight.shape[0] for m in convs_and_linears(model))
+def right(k):
+    return (k + 12) / (4 * k + 4)
 
 
 def test_right_answer_passes():
-    assert check_expected_int8_bytes(right) is True
+    assert check_int8_size_ratio(right, 109) is True
 
 
-def test_fp32_size_is_caught():
-    with pytest.raises(ExerciseError, match="fp32 size: int8 weights take 1 byte"):
-        check_expected_int8_bytes(lambda m: 4 * sum(p.numel() for p in m.parameters()))
+@pytest.mark.parametrize("wrong, hint", [
+    (lambda k: 0.25, "ratio of the weights alone"),
+    (lambda k: (k + 8) / (4 * k + 4), "three 4-byte numbers per output channel"),
+    (lambda k: (k + 4) / (4 * k + 4), "kept only the int32 bias"),
+    (lambda k: (k + 12) / (4 * k), "denominator is 4k \\+ 4"),
+    (lambda k: (k + 9) / (4 * k + 4), "bias stays 32-bit"),
+    (lambda k: (4 * k + 4) / (k + 12), "fp32 over int8"),
+    (lambda k: k / (4 * k + 12), "count the bytes per output channel"),
+])
+def test_wrong_formulas_get_specific_hints(wrong, hint):
+    with pytest.raises(ExerciseError, match=hint):
+        check_int8_size_ratio(wrong, 109)
 
 
-def test_counting_batchnorm_is_caught():
-    def with_bn(model):
-        bn = sum(p.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d)
-                 for p in m.parameters())
-        return right(model) + 4 * bn
-
-    with pytest.raises(ExerciseError, match=r"SmallCNN\(\).*off by \+896.*224 BatchNorm"):
-        check_expected_int8_bytes(with_bn)
-
-
-def test_forgetting_bias_and_scale_is_caught():
-    with pytest.raises(ExerciseError, match="left out the 122 output channels"):
-        check_expected_int8_bytes(lambda m: sum(x.weight.numel() for x in convs_and_linears(m)))
+def test_wrong_decisions_are_caught():
+    with pytest.raises(ExerciseError, match=r"at k=100 the ratio is 0.2772 > 0.275"):
+        check_int8_size_ratio(right, 100)
+    with pytest.raises(ExerciseError, match=r"k=200 qualifies.*smaller k does too"):
+        check_int8_size_ratio(right, 200)
+    with pytest.raises(ExerciseError, match="must be an int"):
+        check_int8_size_ratio(right, 109.0)
 
 
-def test_only_bias_is_caught():
-    def only_bias(model):
-        return sum(m.weight.numel() + 4 * m.weight.shape[0] for m in convs_and_linears(model))
-
-    with pytest.raises(ExerciseError, match="counted only one of them"):
-        check_expected_int8_bytes(only_bias)
-
-
-def test_hard_coded_answer_fails_on_second_model():
-    with pytest.raises(ExerciseError, match="Sequential"):
-        check_expected_int8_bytes(lambda m: 34400)
+def test_not_a_number_or_not_a_function():
+    with pytest.raises(ExerciseError, match="return a number"):
+        check_int8_size_ratio(lambda k: "a quarter", 109)
+    with pytest.raises(ExerciseError, match="pass the function itself"):
+        check_int8_size_ratio(0.25, 109)

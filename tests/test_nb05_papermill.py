@@ -1,11 +1,11 @@
-"""Notebook 05 runs end to end with a second parameter set, and its metrics are sane."""
+"""Notebook 05 runs end to end with a second, cheaper parameter set, and its metrics are sane."""
 
 import pytest
 
 
 @pytest.mark.notebook
 def test_nb05_deployment_runs_with_other_params(run_notebook):
-    results = run_notebook("05_deployment", seed=1, qat_steps=10, repeats=5, batch32=False)
+    results = run_notebook("05_deployment", seed=1, qat_steps=10, repeats=5, max_batch=8)
     assert results["converted_top1_agreement"] >= 99.0
     assert results["et_int8_top1_agreement"] >= 99.5
     # ORT's default optimizer swaps in its own int8 kernels (QLinearConv), whose rounding
@@ -13,8 +13,9 @@ def test_nb05_deployment_runs_with_other_params(run_notebook):
     assert results["ort_int8_top1_agreement"] >= 95.0
     assert results["ort_int8_basic_top1_agreement"] >= 99.5
     assert results["eager_int8_size_ratio_mobilenet_v2"] <= 0.28
-    assert results["eager_int8_speedup_mobilenet_v2"] > 1.0
+    assert 0.1 < results["eager_int8_speedup_mobilenet_v2"] < 50  # a timing: sane, not a verdict
     assert 0 < results["et_int8_over_fp32_latency"] < 10
     assert 0 < results["ort_int8_over_fp32_latency"] < 10
     assert 20_000 < results["et_int8_pte_bytes"] < 80_000  # ~34 kB of int8 weights + program
-    assert 0.9 < results["et_int8_pte_over_estimate"] < 2.0
+    # the exercise's formula, measured: K int8 weights + int32 bias + two fp32 scales per channel
+    assert results["pte_int8_bytes_per_channel_k9"] == 21

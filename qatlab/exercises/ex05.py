@@ -1,71 +1,97 @@
-"""Exercise checks for 05_deployment."""
+"""Exercise checks for 05_deployment: how much smaller an int8 layer is, derived and decided."""
+
+from fractions import Fraction
 
 from ._common import ExerciseError, passed
 
+TARGET = Fraction(11, 40)  # "within 10 % of the ideal 1/4": a ratio of at most 0.275
 
-def reference_int8_bytes(model):
-    """Expected int8 size of ``model``'s weights, in bytes.
 
-    Every ``Conv2d`` / ``Linear`` weight element is stored as 1 byte (int8);
-    every output channel adds a 4-byte fp32 bias (BatchNorm folds into it,
-    so a conv without bias gets one) and a 4-byte fp32 per-channel scale
-    (symmetric quantization: zero-points are 0 and need no storage).
-    BatchNorm layers add nothing: they are folded away.
+def reference_int8_over_fp32(k):
+    """Bytes of an XNNPACK int8 layer over its fp32 bytes, for ``k`` weights per output channel.
 
-    >>> from torch import nn
-    >>> reference_int8_bytes(nn.Linear(10, 3))  # 30 weights + 3 channels * 8 bytes
-    54
+    Per output channel the int8 program stores ``k`` int8 weights (1 byte
+    each), the bias as int32 (4 bytes) with its fp32 scale ``s_in * s_w[c]``
+    (4 bytes), and the weight's fp32 per-channel scale (4 bytes); the fp32
+    program stores ``k`` fp32 weights and an fp32 bias (BatchNorm already
+    folded into both)::
+
+        ratio(k) = (k + 12) / (4 k + 4)
+
+    Measured on .pte files in 05_deployment.
+
+    >>> reference_int8_over_fp32(9), reference_int8_over_fp32(288)
+    (Fraction(21, 40), Fraction(75, 289))
     """
-    from torch import nn
-
-    total = 0
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d | nn.Linear):
-            total += module.weight.numel() + 8 * module.weight.shape[0]
-    return total
+    return Fraction(k + 12, 4 * k + 4)
 
 
-def _models():
-    from torch import nn
+def reference_k_within_10pct():
+    """Smallest ``k`` with ``ratio(k) <= 0.275``: ``40 (k + 12) <= 11 (4 k + 4)``, so ``k >= 109``.
 
-    from ..models import SmallCNN
+    >>> reference_k_within_10pct()
+    109
+    """
+    k = 1
+    while reference_int8_over_fp32(k) > TARGET:
+        k += 1
+    return k
 
-    return [("SmallCNN()", SmallCNN()),
-            ("Sequential(Conv2d(3, 8, 5, bias=False), BatchNorm2d(8), Linear(20, 7))",
-             nn.Sequential(nn.Conv2d(3, 8, 5, bias=False), nn.BatchNorm2d(8), nn.Linear(20, 7)))]
+
+# typical wrong formulas -> the hint that names what is missing or extra
+_WRONG = (
+    (lambda k: Fraction(1, 4), "that is the ratio of the weights alone (1 byte vs 4): the per-channel "
+                               "numbers (bias, scales) do not shrink with int8"),
+    (lambda k: Fraction(k + 8, 4 * k + 4), "you stored 8 extra bytes per channel in int8; XNNPACK keeps "
+                                           "three 4-byte numbers per output channel: the int32 bias, "
+                                           "the bias's scale and the weight's scale"),
+    (lambda k: Fraction(k + 4, 4 * k + 4), "you kept only the int32 bias per channel; the weight's "
+                                           "per-channel scale and the bias's scale are 4 bytes each too"),
+    (lambda k: Fraction(k + 12, 4 * k), "the fp32 program stores a 4-byte fp32 bias per channel too "
+                                        "(BatchNorm is folded into it): the denominator is 4k + 4"),
+    (lambda k: Fraction(k + 9, 4 * k + 4), "the bias stays 32-bit in int8 (int32: it is added to the "
+                                           "int32 accumulator), not 1 byte"),
+    (lambda k: Fraction(4 * k + 4, k + 12), "that is fp32 over int8 (how many times smaller); the "
+                                            "exercise asks int8 bytes over fp32 bytes"),
+)
+_PROBES = (1, 9, 64, 288, 1152)
 
 
-def check_expected_int8_bytes(fn):
-    """Check ``fn(model) -> bytes`` against :func:`reference_int8_bytes` on two models."""
-    from torch import nn
+def check_int8_size_ratio(int8_over_fp32, k_within_10pct):
+    """``int8_over_fp32(k)`` (the byte ratio of a layer) and ``k_within_10pct`` (the decision).
 
-    for name, model in _models():
-        got = fn(model)
-        want = reference_int8_bytes(model)
-        if not isinstance(got, int | float) or isinstance(got, bool):
-            raise ExerciseError(f"fn({name}) returned {got!r}; return a number of bytes")
-        if got == want:
+    Taught in 05_deployment. The ratio is checked at several ``k`` against
+    :func:`reference_int8_over_fp32`; typical wrong formulas get a hint that
+    names the missing or extra bytes. ``k_within_10pct`` must be the smallest
+    ``k`` whose ratio is at most 0.275.
+    """
+    if not callable(int8_over_fp32):
+        raise ExerciseError(f"pass the function itself, got {type(int8_over_fp32).__name__}")
+    for k in _PROBES:
+        got = int8_over_fp32(k)
+        if isinstance(got, bool) or not isinstance(got, int | float | Fraction):
+            raise ExerciseError(f"int8_over_fp32({k}) returned {got!r}; return a number (a ratio)")
+        want = reference_int8_over_fp32(k)
+        if abs(float(got) - float(want)) <= 1e-9:
             continue
-        n_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear))
-        n_channels = sum(m.weight.shape[0] for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear))
-        n_bn = sum(p.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
-        n_params = sum(p.numel() for p in model.parameters())
-        diff = got - want
-        if got == 4 * n_params or got == 4 * n_weights + 8 * n_channels:
-            hint = "that is the fp32 size: int8 weights take 1 byte each, not 4"
-        elif diff == 4 * n_bn or diff == n_bn:
-            hint = (f"you counted the {n_bn} BatchNorm parameters: BN folds into the conv's "
-                    "weight and bias, it adds no bytes of its own")
-        elif diff == -8 * n_channels:
-            hint = (f"you left out the {n_channels} output channels' fp32 bias and scale "
-                    "(4 + 4 bytes each)")
-        elif diff == -4 * n_channels:
-            hint = (f"{n_channels} output channels need both a 4-byte bias and a 4-byte scale; "
-                    "you counted only one of them")
-        elif got == n_params:
-            hint = "1 byte per parameter counts BN and biases as int8; see the rule above"
+        hint = "count the bytes per output channel in each program"
+        for wrong, why in _WRONG:
+            if all(abs(float(int8_over_fp32(p)) - float(wrong(p))) <= 1e-9 for p in _PROBES):
+                hint = why
+                break
+        raise ExerciseError(f"int8_over_fp32({k}) = {float(got):.4f} but should be {float(want):.4f}: {hint}")
+    want_k = reference_k_within_10pct()
+    if isinstance(k_within_10pct, bool) or not isinstance(k_within_10pct, int):
+        raise ExerciseError(f"k_within_10pct must be an int (a number of weights per channel), "
+                            f"got {k_within_10pct!r}")
+    if k_within_10pct != want_k:
+        r = reference_int8_over_fp32(k_within_10pct) if k_within_10pct > 0 else None
+        if r is not None and r > TARGET:
+            detail = f"at k={k_within_10pct} the ratio is {float(r):.4f} > 0.275"
+        elif r is not None:
+            detail = (f"k={k_within_10pct} qualifies ({float(r):.4f} <= 0.275) but a smaller k does too: "
+                      f"solve (k + 12) / (4k + 4) <= 0.275 for the smallest integer k")
         else:
-            hint = "count weight elements at 1 byte plus 8 bytes per output channel"
-        raise ExerciseError(f"fn({name}) = {got} bytes but should be {want} "
-                            f"(off by {diff:+}): {hint}")
-    return passed("expected_int8_bytes")
+            detail = "k counts weights, so it is at least 1"
+        raise ExerciseError(f"k_within_10pct = {k_within_10pct} is not the smallest k: {detail}")
+    return passed("int8 size ratio")
