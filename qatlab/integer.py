@@ -1195,12 +1195,15 @@ def _saturation_correction(a_rows, w_cols, groups=1, chunk=8192):
             chans = torch.nonzero(risky[gi, :, p]).reshape(-1)
             wp = w[gi, chans, p, :].T.to(_F32)                            # (2, C): exact in float32
             cols = gi * og + chans
-            for start in range(0, m, chunk):
-                ap = a_rows[start:start + chunk, gi, 2 * p: 2 * p + 2].to(_F32)
-                s = (ap @ wp).to(torch.int64)                             # |s| <= 65280 < 2^24
+            pair = a_rows[:, gi, 2 * p: 2 * p + 2].to(torch.int32)
+            # |x0·w0 + x1·w1| <= 128·(x0 + x1): only rows with x0 + x1 >= 256 can leave int16
+            rows = torch.nonzero(pair.sum(1) >= 256).reshape(-1)
+            for start in range(0, len(rows), chunk):
+                r = rows[start:start + chunk]
+                s = (pair[r].to(_F32) @ wp).to(torch.int64)               # |s| <= 65280 < 2^24
                 excess = s.clamp(INT16_MIN, INT16_MAX) - s
                 saturating += int((excess != 0).sum())
-                correction[start:start + chunk, cols] += excess
+                correction[r.unsqueeze(1), cols.unsqueeze(0)] += excess
     return correction, saturating
 
 
