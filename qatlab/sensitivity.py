@@ -429,7 +429,7 @@ class TrainingTrace:
 
     def after_backward(self, loss):
         """Record the loss, gradient norms and BN spread of this step (before ``optimizer.step``)."""
-        self.loss.append(float(loss))
+        self.loss.append(loss.item())
         for n, m in self.layers.items():
             g = m.weight.grad
             self.grad_norm[n].append(float(g.norm()) if g is not None else 0.0)
@@ -642,6 +642,26 @@ def plot_lr_sweep(results, ax=None, title="final accuracy vs learning rate"):
     ax.set_ylim(0, 100)
     ax.set(xlabel="learning rate (SGD, momentum 0.9; log)", ylabel="test accuracy (%)", title=title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax
+
+
+def plot_sharpness(values, limits, ax=None, title="sharpness of the loss and the stable learning rates"):
+    """Bars of largest Hessian eigenvalues against dashed lines at the stability limit of each learning rate.
+
+    ``values[label] = λ_max``; ``limits[lr] = 2 (1 + β) / lr`` (:func:`stable_lr_limit` solved
+    for λ). A bar above a line means SGD at that learning rate is unstable there. Log y axis.
+    Taught in 06_when_qat_pays_off.
+    """
+    ax = _axes(ax, figsize=(6, 3.6))
+    labels = list(values)
+    ax.bar(range(len(labels)), [values[k] for k in labels], color=[f"C{i}" for i in range(len(labels))], width=0.5)
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    for lr in sorted(limits):
+        ax.axhline(limits[lr], color="0.4", linestyle="--", linewidth=1)
+        ax.text(len(labels) - 0.55, limits[lr], f" limit at lr {lr:g}", va="center", fontsize=7)
+    ax.set_xlim(-0.6, len(labels) + 0.2)
+    ax.set_yscale("log")
+    ax.set(ylabel="largest Hessian eigenvalue (log)", title=title)
     return ax
 
 

@@ -35,7 +35,7 @@ def test_shapes_parameters_and_depthwise_blocks():
     assert m(x).shape == (3, 10)
     assert 5_000 < sum(p.numel() for p in m.parameters()) < 20_000
     blocks = m.conv_blocks()
-    assert len(blocks) == 1 + 2 * (len((16, 32, 64, 96)) - 1)
+    assert len(blocks) == 1 + 2 * (len(m.features) - 1) and len(m.features) == 3
     dw = blocks[1][0]
     assert dw.groups == dw.in_channels == dw.out_channels and dw.kernel_size == (3, 3)
     small = qatlab.TinyMobileNet(input_size=8).eval()
