@@ -692,5 +692,5 @@ def plot_accuracy_table(rows, ax=None, title="same checkpoint, same extra epochs
     used = dict.fromkeys(_row_color(k) for k in labels)
     names = {"C7": "fp32", "C1": "PTQ", "C0": "QAT"}
     ax.legend(handles=[Patch(color=c, alpha=0.85, label=names[c]) for c in used], fontsize=8,
-              loc="upper left", bbox_to_anchor=(1.08, 1.0))
+              loc="upper left", bbox_to_anchor=(1.14, 1.0))
     return ax

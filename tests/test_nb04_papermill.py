@@ -16,10 +16,8 @@ def test_nb04_runs_with_seed_1(run_notebook, notebook_build):
                 "qat_w4_acc_std"):
         assert 0.0 <= r[key] < 2.0, (key, r[key])
     for key in ("ptq_w4_acc", "qat_w4_acc", "lsq_w4_acc", "lsq_w4_minmax_init_acc", "freeze_none_w4_acc",
-                "freeze_observers_w4_acc", "freeze_bn_w4_acc", "freeze_both_w4_acc"):
+                "freeze_both_w4_acc"):
         assert 80.0 < r[key] <= 100.0, (key, r[key])
-    for key in ("qat_w3_acc", "lsq_w3_acc", "ptq_w3_acc"):
-        assert 50.0 < r[key] <= 100.0, (key, r[key])
     # eager and PT2E QAT train the same model with the same recipe and schedule: close, not equal
     assert abs(r["eager_qat_fq_acc"] - r["pt2e_qat_fq_acc"]) < 2.0
     # quantization-aware training must not lose badly to doing nothing at 4 bits
@@ -28,6 +26,6 @@ def test_nb04_runs_with_seed_1(run_notebook, notebook_build):
     assert r["lsq_paper_init_over_minmax_layer0"] > 1.5
     assert 0 <= r["lsq_max_step_change"] < 0.5
     assert 0 <= r["qat_w4_codes_changed_layer1"] <= 1
-    assert 0.5 < r["qat_epoch_over_fp32_epoch"] < 20 and math.isfinite(r["qat_epoch_over_fp32_epoch"])
+    assert 0.2 < r["qat_epoch_over_fp32_epoch"] < 20 and math.isfinite(r["qat_epoch_over_fp32_epoch"])
     for goal in ("goal_qat_int8_met", "goal_speed_met"):
         assert r[goal] in (0, 1)
