@@ -611,7 +611,8 @@ def plot_freeze_trace(traces, freeze_step, axes=None):
     import matplotlib.pyplot as plt
 
     if axes is None:
-        _, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+        fig, axes = plt.subplots(1, 3, figsize=(14, 3.4))
+        fig.subplots_adjust(wspace=0.45)
     for i, (label, tr) in enumerate(traces.items()):
         steps = range(len(tr.loss))
         axes[0].plot(tr.loss, color=f"C{i}", label=label)
@@ -645,23 +646,25 @@ def plot_lr_sweep(results, ax=None, title="final accuracy vs learning rate"):
     return ax
 
 
-def plot_sharpness(values, limits, ax=None, title="sharpness of the loss and the stable learning rates"):
-    """Bars of largest Hessian eigenvalues against dashed lines at the stability limit of each learning rate.
+def plot_sharpness(curves, limits, ax=None, title="sharpness of the loss and the stable learning rates"):
+    """Largest Hessian eigenvalue against training step, one line per run, and the limit of each learning rate.
 
-    ``values[label] = λ_max``; ``limits[lr] = 2 (1 + β) / lr`` (:func:`stable_lr_limit` solved
-    for λ). A bar above a line means SGD at that learning rate is unstable there. Log y axis.
-    Taught in 06_when_qat_pays_off.
+    ``curves[label] = {step: λ_max}`` (non-finite values are left out);
+    ``limits[lr] = 2 (1 + β) / lr`` (:func:`stable_lr_limit` solved for λ), drawn
+    as dashed lines: a curve above a line means SGD at that learning rate is
+    unstable there. Log y axis. Taught in 06_when_qat_pays_off.
     """
-    ax = _axes(ax, figsize=(6, 3.6))
-    labels = list(values)
-    ax.bar(range(len(labels)), [values[k] for k in labels], color=[f"C{i}" for i in range(len(labels))], width=0.5)
-    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax = _axes(ax)
+    right = max(t for pts in curves.values() for t in pts)
+    for i, (label, pts) in enumerate(curves.items()):
+        steps = [t for t in sorted(pts) if math.isfinite(pts[t])]
+        ax.plot(steps, [pts[t] for t in steps], marker="o", label=label, color=f"C{i}")
     for lr in sorted(limits):
         ax.axhline(limits[lr], color="0.4", linestyle="--", linewidth=1)
-        ax.text(len(labels) - 0.55, limits[lr], f" limit at lr {lr:g}", va="center", fontsize=7)
-    ax.set_xlim(-0.6, len(labels) + 0.2)
+        ax.text(right, limits[lr], f" lr {lr:g}", va="center", fontsize=7)
     ax.set_yscale("log")
-    ax.set(ylabel="largest Hessian eigenvalue (log)", title=title)
+    ax.set(xlabel="training step", ylabel="largest Hessian eigenvalue (log)", title=title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.12, 1.0), title="dashed: stability limit", title_fontsize=7)
     return ax
 
 
@@ -679,7 +682,8 @@ def plot_pareto(points, ax=None, title="size vs accuracy"):
         ax.errorbar(kb, [p[1] for p in pts], yerr=[p[2] for p in pts], marker=markers[i % 7], capsize=3,
                     linestyle="-" if len(pts) > 1 else "none", label=label, color=f"C{i}")
         for p, k in zip(pts, kb):
-            ax.annotate(p[3], (k, p[1]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+            ax.annotate(p[3], (k, p[1]), textcoords="offset points", xytext=(4, 6 if i % 2 else -11),
+                        fontsize=7, color=f"C{i}")
         lows += [p[1] - p[2] for p in pts]
         highs += [p[1] + p[2] for p in pts]
     note = _ylim_note(ax, lows, highs)

@@ -325,7 +325,9 @@ def test_plots_return_their_axes():
     tr.remove()
     assert len(sens.plot_freeze_trace({"run": tr}, freeze_step=1)) == 3
     assert sens.plot_lr_sweep({"a": {0.01: 90.0, 0.1: 10.0}}).get_xscale() == "log"
-    ax = sens.plot_sharpness({"batch": 5.0, "frozen": 40.0}, {0.05: 76.0, 0.1: 38.0})
-    assert ax.get_yscale() == "log" and len(ax.get_lines()) == 2 and len(ax.patches) == 2
+    ax = sens.plot_sharpness({"frozen": {20: 38.0, 22: 110.0, 24: float("nan")}, "batch": {20: 5.0}},
+                             {0.05: 76.0, 0.1: 38.0})
+    assert ax.get_yscale() == "log" and len(ax.get_lines()) == 4
+    assert list(ax.get_lines()[0].get_xdata()) == [20, 22]  # the nan is left out
     assert sens.plot_pareto({"u": [(1000, 97.0, 0.1, "W8"), (500, 96.0, 0.3, "W4")]}) is not None
     plt.close("all")
