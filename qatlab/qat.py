@@ -548,7 +548,7 @@ def _axes(ax):
 
 
 def plot_loss_curves(histories, ax=None, smooth=10):
-    """Training loss per step (moving average over ``smooth`` steps), one line per run.
+    """Training loss per step (moving average over ``smooth`` steps, drawn at each window's centre), one line per run.
 
     ``histories`` maps a label to a :func:`qatlab.train` history. Taught in 04_qat_training.
     """
@@ -558,7 +558,8 @@ def plot_loss_curves(histories, ax=None, smooth=10):
     for label, h in histories.items():
         loss = np.asarray(h["step_loss"], dtype=float)
         k = max(1, min(smooth, len(loss)))
-        ax.plot(np.convolve(loss, np.ones(k) / k, mode="valid"), label=label)
+        averaged = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(np.arange(len(averaged)) + (k - 1) / 2, averaged, label=label)  # at each window's centre
     ax.set(xlabel="training step", ylabel=f"loss (mean of {smooth} steps)", title="training loss")
     ax.legend(fontsize=8)
     return ax
