@@ -42,7 +42,7 @@ def test_requantize_uint8_output_passes():
     (dict(zp_before=True), r"case 'odd zero-point'.*zero-point is added before rounding"),
     (dict(int_bias=True), r"case 'float bias'.*rounded the bias to an integer first"),
     (dict(relu_floor_zero=True), r"case 'relu'.*floor is the zero-point"),
-    (dict(clamp=False), r"not clamped"),
+    (dict(clamp=False), r"case 'ties'.*: the result is not clamped"),
     (dict(round_fn=torch.trunc), r"truncating"),
     (dict(with_bias=False), r"the bias is missing"),
     (dict(bias_after_scale=True), r"case 'bias units'.*added after scaling"),
@@ -50,6 +50,86 @@ def test_requantize_uint8_output_passes():
 def test_requantize_typical_slips_get_their_hint(slip, pattern):
     with pytest.raises(ExerciseError, match=pattern):
         check_requantize(requantize_with(**slip))
+
+
+def test_requantize_with_python_scalars_passes():
+    def fn(acc, bias, s_x, s_w, s_y, zp, relu):          # scales as Python floats, like the kernel's float32
+        a = s_x * s_w
+        y = torch.round((acc.to(F32) + bias / a) * (a / s_y)) + zp
+        return y.clamp(zp if relu else 0, 255).to(torch.uint8)
+
+    assert check_requantize(fn) is True
+
+
+def order_slip(kind):
+    """FBGEMM's requantization rewritten in an algebraically equal order that rounds differently."""
+    def fn(acc, bias, s_x, s_w, s_y, zp, relu):
+        a = s_x * s_w
+        m = a / s_y
+        if kind == "m_swapped_f32":
+            t = (acc.to(F32) + bias / a) * (s_w * (torch.tensor(s_x, dtype=F32) / torch.tensor(s_y, dtype=F32)))
+        elif kind == "m_swapped_python":
+            t = (acc.to(F32) + bias / a) * (s_w * (s_x / s_y))
+        elif kind == "bias_over_sy":
+            t = acc.to(F32) * m + bias / s_y
+        elif kind == "distributed":
+            t = acc.to(F32) * m + (bias / a) * m
+        else:                                            # float64 throughout
+            a64 = s_x * s_w.double()
+            t = (acc.double() + bias.double() / a64) * (a64 / s_y)
+        return (torch.round(t) + zp).clamp(zp if relu else 0, 255).to(torch.uint8)
+    return fn
+
+
+@pytest.mark.parametrize("kind, pattern", [
+    ("m_swapped_f32", r"case 'order of operations'.*M = s_w·\(s_x/s_y\)"),
+    ("m_swapped_python", r"case 'order of operations'.*M = s_w·\(s_x/s_y\)"),
+    ("bias_over_sy", r"case 'order of operations'.*as b / s_y"),
+    ("distributed", r"case 'order of operations'.*distributed M"),
+    ("float64", r"case 'order of operations'.*computed in float64"),
+])
+def test_requantize_order_of_operations_is_rejected_with_its_hint(kind, pattern):
+    with pytest.raises(ExerciseError, match=pattern):
+        check_requantize(order_slip(kind))
+
+
+def test_requantize_order_case_separates_each_rewrite():
+    """Each rewrite differs from FBGEMM in its own column of the 'order of operations' case."""
+    from qatlab.exercises.ex09 import _fbgemm_reference, _requantize_cases
+
+    case = next(c for c in _requantize_cases() if c[0] == "order of operations")
+    want = _fbgemm_reference(*case[1:])
+    columns = {"float64": 0, "bias_over_sy": 1, "distributed": 2, "m_swapped_f32": 3, "m_swapped_python": 3}
+    for kind, column in columns.items():
+        args = [c.clone() if isinstance(c, torch.Tensor) else c for c in case[1:]]
+        differs = (order_slip(kind)(*args).to(torch.int64) != want).reshape(-1)
+        assert differs.tolist() == [i == column for i in range(4)], kind
+
+
+def test_requantize_int8_clamp_gets_its_hint():
+    def fn(acc, bias, s_x, s_w, s_y, zp, relu):
+        a = torch.tensor(s_x, dtype=F32) * s_w
+        y = torch.round((acc.to(F32) + bias / a) * (a / torch.tensor(s_y, dtype=F32))) + zp
+        return y.clamp(-128, 127)
+
+    with pytest.raises(ExerciseError, match=r"case 'ties'.*: you clamped to int8's \[-128, 127\].*uint8"):
+        check_requantize(fn)
+
+
+def test_requantize_int8_dtype_gets_its_hint():
+    right = requantize_with()
+    with pytest.raises(ExerciseError, match=r"you returned int8"):
+        check_requantize(lambda *a: right(*a).clamp(0, 255).to(torch.int8))
+
+
+def test_requantize_wrapping_uint8_cast_gets_its_hint():
+    def fn(acc, bias, s_x, s_w, s_y, zp, relu):
+        a = torch.tensor(s_x, dtype=F32) * s_w
+        y = torch.round((acc.to(F32) + bias / a) * (a / torch.tensor(s_y, dtype=F32))) + zp
+        return y.to(torch.int64).to(torch.uint8)          # no clamp: 4000 wraps to 160
+
+    with pytest.raises(ExerciseError, match=r"case 'ties'.*: casting to uint8 wraps around instead of saturating"):
+        check_requantize(fn)
 
 
 def test_requantize_fractional_output_is_caught():
@@ -98,6 +178,35 @@ def test_pair_sum_range_right_answer_passes():
 def test_pair_sum_range_typical_slips_get_their_hint(slip, pattern):
     with pytest.raises(ExerciseError, match=pattern):
         check_pair_sum_range(pair_range(**slip))
+
+
+def test_pair_sum_range_without_widening_gets_the_wrap_hint():
+    def fn(w, x_max):                                     # int8 · int: every product wraps in int8
+        w = torch.nn.functional.pad(w, (0, w.shape[1] % 2))
+        p = (x_max * w).reshape(w.shape[0], -1, 2)
+        return int(p.clamp_max(0).sum(-1).min()), int(p.clamp_min(0).sum(-1).max())
+
+    with pytest.raises(ExerciseError, match=r"case 'opposite signs'.*wrapped around.*w_cols.to\(torch.int64\)"):
+        check_pair_sum_range(fn)
+
+
+def test_pair_sum_range_wrapping_in_another_order_gets_the_wrap_hint():
+    def fn(w, x_max):                                     # wraps, then sums the two largest
+        prods = (w * x_max).to(torch.int64)
+        return int(prods.min()) * 2, int(prods.max()) * 2
+
+    with pytest.raises(ExerciseError, match=r"wrapped around"):
+        check_pair_sum_range(fn)
+
+
+def test_pair_sum_range_both_inputs_at_x_max_gets_its_hint():
+    def fn(w, x_max):
+        w = torch.nn.functional.pad(w.to(torch.int64), (0, w.shape[1] % 2))
+        s = w.reshape(w.shape[0], -1, 2).sum(-1)
+        return int(x_max * s.min()), int(x_max * s.max())
+
+    with pytest.raises(ExerciseError, match=r"case 'opposite signs'.*vary independently"):
+        check_pair_sum_range(fn)
 
 
 def test_pair_sum_range_crash_on_odd_k_gets_a_hint():
