@@ -5,9 +5,9 @@ import pytest
 
 @pytest.mark.notebook
 def test_nb07_runs_with_seed_1(run_notebook, notebook_build):
-    # one torch thread: this model's ops are too small to gain much from a second one, and a
-    # second thread stalls every op when the machine is busy
-    r = run_notebook("07_qat_transformers", seed=1, seeds=2, extra_steps=16, repeats=5, threads=1)
+    # one torch thread (the notebook's default too): this model's ops are too small to gain much
+    # from a second one, and a second thread stalls every op when the machine is busy
+    r = run_notebook("07_qat_transformers", seed=1, seeds=2, extra_steps=16, repeats=6, threads=1)
     assert r["groupwise_bitexact"] == 1
     assert r["seeds"] == 2
     assert 85.0 < r["fp32_acc"] <= 100.0
@@ -27,6 +27,10 @@ def test_nb07_runs_with_seed_1(run_notebook, notebook_build):
     assert r["et_8da4w_size_ratio"] < 0.5
     assert r["et_8da4w_top1_agreement"] >= 98.0   # the 99.5 % goal is judged (MET/MISSED) in the notebook
     assert 0 < r["et_8da4w_over_fp32_latency"] < 20
+    assert 0.0 <= r["et_8da4w_vs_fp32_latency_p"] <= 1.0
+    # eager PyTorch pays per-op overhead, so it is slower than ExecuTorch; > 20x would be a broken timing
+    # (the notebook prints a warning then), so only a sane range is asserted here
+    assert 0.5 < r["eager_fp32_over_et_fp32_latency"] < 1000
     for goal in ("goal_groupwise_bitexact_met", "goal_seeds_met", "goal_et_8da4w_top1_agreement_met"):
         assert r[goal] in (0, 1)
     assert r["goal_seeds_met"] == 0  # 2 seeds: reported as MISSED, not hidden
