@@ -51,17 +51,54 @@ class Dist:
     local_rank: int = 0
     backend: str = "none"
     device: str = "cpu"
+    store_prefix: str | None = None  # where this round's keys live in torchrun's shared store
 
     @property
     def distributed(self):
         return self.world_size > 1
 
 
+SHARED_STORE_OPT_OUT = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def restart_store_prefix(env):
+    """The key prefix that keeps a restarted round away from the failed round's keys, or ``None``.
+
+    ``env`` is the worker's environment (``os.environ``), as torchrun sets it. torchrun's
+    launcher hosts the store the workers meet in (``TORCHELASTIC_USE_AGENT_STORE=True``) and
+    keeps it across ``--max-restarts`` restarts, with every key the failed round wrote, such
+    as each rank's gloo/nccl address (pytorch/pytorch#135712). On one node every worker has
+    the same launcher, hence the same ``TORCHELASTIC_RESTART_COUNT``: a prefix named after it
+    separates the rounds. Across nodes each launcher counts its own restarts, and the counts
+    can differ (same issue), so no prefix is safe there: this returns ``None``, and
+    :func:`init_distributed` asks for ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, which gives
+    every round a fresh store. Taught in 08_qat_at_scale.
+
+    >>> restart_store_prefix({"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "2",
+    ...                       "GROUP_WORLD_SIZE": "1"})
+    'qatlab/restart_2/'
+    >>> restart_store_prefix({"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0"}) is None
+    True
+    >>> restart_store_prefix({"TORCHELASTIC_USE_AGENT_STORE": "False", "TORCHELASTIC_RESTART_COUNT": "1"}) is None
+    True
+    >>> restart_store_prefix({"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "1",
+    ...                       "GROUP_WORLD_SIZE": "2"}) is None
+    True
+    """
+    restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    shared = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    one_node = int(env.get("GROUP_WORLD_SIZE", "1")) == 1
+    return f"qatlab/restart_{restart}/" if shared and restart > 0 and one_node else None
+
+
 def init_distributed(backend="auto", timeout=600.0):
     """Join torchrun's process group (``env://``) when there is one; return a :class:`Dist`.
 
     Without torchrun's ``WORLD_SIZE`` (or with 1) there is no group: one plain process.
-    ``backend="auto"`` picks nccl when CUDA is present, else gloo. Taught in 08_qat_at_scale.
+    ``backend="auto"`` picks nccl when CUDA is present, else gloo. After a torchrun restart
+    on one node, the group's keys go under :func:`restart_store_prefix` in torchrun's shared
+    store (``Dist.store_prefix``). On several nodes with ``--max-restarts``, rank 0 warns
+    unless ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``. Taught in 08_qat_at_scale.
     """
     import torch
     import torch.distributed as dist
@@ -75,23 +112,28 @@ def init_distributed(backend="auto", timeout=600.0):
     if backend == "nccl" and not cuda:
         raise ValueError("--backend nccl needs CUDA GPUs; this machine has none: use gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank = int(os.environ["RANK"])
     device = "cpu"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     wait = datetime.timedelta(seconds=timeout)
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # After `torchrun --max-restarts` restarts the workers, they share the launcher's store
-        # with the failed round, whose keys (every rank's gloo address) are still in it: keep
-        # this round's keys apart, or rank 0 connects to a dead rank's old address.
-        store = dist.PrefixStore(f"qatlab/restart_{restart}", dist.TCPStore(
+    prefix = restart_store_prefix(os.environ)
+    if (rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0):
+        import warnings
+
+        warnings.warn(f"torchrun on several nodes with --max-restarts shares one store across restarts, and a "
+                      f"restarted rank can read a dead rank's address from it (pytorch/pytorch#135712): set "
+                      f"{SHARED_STORE_OPT_OUT}=1 for torchrun on every node", stacklevel=2)
+    if prefix is not None:
+        store = dist.PrefixStore(prefix, dist.TCPStore(
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=wait))
-        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world,
-                                timeout=wait)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=wait)
     else:
         dist.init_process_group(backend, timeout=wait)
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, backend, device)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, backend, device, prefix)
 
 
 def gather_to_rank0(obj, d):
@@ -179,6 +221,8 @@ def state_digest(state):
     True
     >>> state_digest({"w": torch.zeros(2)}) == state_digest({"w": torch.tensor([0.0, -0.0])})
     False
+    >>> scale = torch.ones(1); _ = state_digest({"scale": scale}); scale.resize_(3).shape  # still resizable
+    torch.Size([3])
     """
     h = hashlib.sha256()
     _feed(h, state)
@@ -206,7 +250,9 @@ def _feed(h, obj):
             else:
                 h.update(f"{t.q_scale()!r}{t.q_zero_point()}".encode())
             t = t.int_repr()
-        h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # through a copy: .numpy() on the tensor itself would pin its storage (observers resize
+        # their buffers in their first forward, which then fails)
+        h.update(t.reshape(-1).contiguous().view(torch.uint8).clone().numpy().tobytes() if t.numel() else b"")
     else:
         h.update(repr(obj).encode())
 

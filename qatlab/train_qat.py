@@ -59,7 +59,7 @@ FORMAT = "qatlab.train_qat/1"
 # settings that must match for --resume to continue the same run (``steps`` may grow)
 RECIPE_KEYS = ("model", "dataset", "api", "global_batch_size", "lr", "momentum", "weight_bits",
                "activation_bits", "freeze_bn_at", "freeze_observers_at", "seed",
-               "broadcast_buffers", "augment_shift", "sync_bn")
+               "forward_sync_buffers", "augment_shift", "sync_bn")
 
 
 def _never_or_int(text):
@@ -104,10 +104,12 @@ class Config:
     freeze_bn_at: int | None = None
     freeze_observers_at: int | None = None
     seed: int = 0
-    broadcast_buffers: bool = True
+    forward_sync_buffers: bool = True
     sync_bn: bool = False
     augment_shift: int = 0
     checkpoint_every: int = 0
+    scaling_rounds: int = 0
+    scaling_steps: int = 10
     resume: bool = False
     out: str = ""
     threads: int | None = None
@@ -130,11 +132,11 @@ class Config:
             raise ValueError(f"--api must be eager or pt2e, got {self.api!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
-        for name in ("steps", "global_batch_size", "log_every"):
+        for name in ("steps", "global_batch_size", "log_every", "scaling_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {v!r}")
-        for name in ("checkpoint_every", "augment_shift", "seed"):
+        for name in ("checkpoint_every", "augment_shift", "seed", "scaling_rounds"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a non-negative int, got {v!r}")
@@ -215,15 +217,25 @@ def build_parser():
                         "(default: three quarters of --steps)")
     p.add_argument("--seed", type=int, default=d.seed,
                    help="data order (same on every rank) and RNG (seed + rank) (default: %(default)s)")
-    p.add_argument("--no-broadcast-buffers", dest="broadcast_buffers", action="store_false",
-                   help="do not copy rank 0's buffers (BN statistics, observers) to every rank at each "
-                        "forward (DDP forward_sync_buffers=False; broadcast_buffers=False before torch 2.13)")
+    p.add_argument("--no-forward-sync-buffers", "--no-broadcast-buffers", dest="forward_sync_buffers",
+                   action="store_false",
+                   help="do not copy rank 0's buffers (BN statistics, observers) to every rank at the start of "
+                        "each forward: DDP's forward_sync_buffers=False (called broadcast_buffers before "
+                        "torch 2.13; unlike the old broadcast_buffers=False, DDP still copies them once when "
+                        "it wraps the model)")
     p.add_argument("--sync-bn", action="store_true",
                    help="SyncBatchNorm: BN statistics over the global batch (needs CUDA and >1 process)")
     p.add_argument("--augment-shift", type=int, default=d.augment_shift, metavar="PIXELS",
                    help="random translation of each training image by up to PIXELS (default: 0 = off)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="STEPS",
                    help="write OUT/checkpoint.pt every STEPS steps (0: only at the end; default: %(default)s)")
+    p.add_argument("--scaling-rounds", type=int, default=d.scaling_rounds, metavar="N",
+                   help="after training, time N interleaved rounds of rank 0 alone (no DDP, the whole global "
+                        "batch) and of all processes (DDP), on copies of the trained model, for the scaling "
+                        "efficiency; needs more than one process (default: 0 = off)")
+    p.add_argument("--scaling-steps", type=int, default=d.scaling_steps, metavar="STEPS",
+                   help="timed steps per mode and round of --scaling-rounds, after one untimed step "
+                        "(default: %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt if it exists (else start at step 0)")
     p.add_argument("--out", default="", help="output folder (default: <build>/train_qat)")
@@ -257,6 +269,9 @@ def parse_args(argv=None, world_size=None):
         if cfg.sync_bn and world_size < 2:
             raise ValueError("--sync-bn needs more than one process (start with torchrun "
                              "--nproc_per_node=N, N > 1)")
+        if cfg.scaling_rounds and world_size < 2:
+            raise ValueError("--scaling-rounds needs more than one process to compare with one (start "
+                             "with torchrun --nproc_per_node=N, N > 1)")
     except ValueError as e:
         parser.error(str(e))
     return cfg
@@ -630,19 +645,10 @@ def run(cfg, d=None):
 
     net = model
     if d.distributed:
-        import inspect
-
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         if cfg.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        # torch >= 2.13 renamed the forward-time broadcast; its init-time sync is harmless here
-        # because every rank's own state is loaded *after* wrapping.
-        name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
-            else "broadcast_buffers"
         try:
-            net = DDP(model, device_ids=[d.local_rank] if d.device.startswith("cuda") else None,
-                      **{name: cfg.broadcast_buffers})
+            net = wrap_ddp(model, cfg, d)
         except ValueError as e:
             if cfg.sync_bn:
                 raise ValueError(f"--sync-bn: torch says {e!r}. SyncBatchNorm needs CUDA (nccl); on CPU "
@@ -672,6 +678,9 @@ def run(cfg, d=None):
         _log(d, f"no checkpoint at {ckpt_file}: starting at step 0")
     model.train()
 
+    if d.store_prefix:
+        _log(d, f"restart {os.environ.get('TORCHELASTIC_RESTART_COUNT')}: the process group's keys go under "
+                f"'{d.store_prefix}' in torchrun's shared store, apart from the failed round's")
     _log(d, f"{d.world_size} process(es), backend {d.backend}, device {d.device}, "
             f"{torch.get_num_threads()} thread(s) each; {cfg.model} on {cfg.dataset}; global batch "
             f"{cfg.global_batch_size} = {d.world_size} x {per_rank}; steps {start_step}..{cfg.steps}; "
@@ -729,11 +738,141 @@ def run(cfg, d=None):
     bar.close()
     checkpoint(cfg.steps)  # the final training state: --resume of a finished run only re-ships
     layout = scale_layout(model)  # after training: per-channel scales take their shape in the first forward
+    scaling = None
+    if cfg.scaling_rounds:
+        _log(d, f"timing {cfg.scaling_rounds} interleaved rounds of 1 and {d.world_size} processes, "
+                f"{cfg.scaling_steps} steps each")
+        scaling = measure_scaling(model, train_set, cfg, d, loss_fn)
     return _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, evaluate,
-                   observers_disabled)
+                   observers_disabled, scaling)
 
 
-def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, evaluate, observers_disabled):
+def wrap_ddp(model, cfg, d):
+    """``DistributedDataParallel(model)`` with ``cfg.forward_sync_buffers``. Taught in 08_qat_at_scale.
+
+    torch 2.13 renamed ``broadcast_buffers`` to ``forward_sync_buffers``. Both copy rank 0's
+    buffers to every rank at the start of each forward when ``True``. With ``False`` the new
+    flag still copies them once, when DDP wraps the model; the old one skipped that copy too.
+    Here that copy is harmless: the ranks' buffers are equal before training, and a resumed
+    rank loads its own state *after* wrapping.
+    """
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+        else "broadcast_buffers"
+    return DDP(model, device_ids=[d.local_rank] if d.device.startswith("cuda") else None,
+               **{name: cfg.forward_sync_buffers})
+
+
+def measure_scaling(model, train_set, cfg, d, loss_fn):
+    """Time one process against all of them, in ``cfg.scaling_rounds`` interleaved rounds.
+
+    Every round runs two modes, each with one untimed SGD step and then ``cfg.scaling_steps``
+    timed ones, on copies of ``model`` (its state is left as it is, and the RNGs are restored):
+
+    - *single*: rank 0 trains a plain copy (no DDP) on the whole global batch, the work of a
+      one-process run; the other ranks wait at a barrier (their CPU time is recorded too);
+    - *ddp*: every rank trains a DDP copy on its share of the global batch.
+
+    Alternating the two modes exposes both to the same background load on a shared machine.
+    Returns this rank's wall and CPU seconds per round: ``{"single_seconds",
+    "single_cpu_seconds", "ddp_seconds", "ddp_cpu_seconds"}`` (``single_*`` of ranks > 0:
+    their wait). :func:`combine_scaling` turns every rank's into throughputs.
+    Taught in 08_qat_at_scale.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    rng = capture_rng()
+    cuda = d.device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def trainer(net, replicas, rank, batch):
+        sampler = DistributedSampler(train_set, num_replicas=replicas, rank=rank, shuffle=True, seed=cfg.seed)
+        optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+
+        def batches():
+            while True:
+                yield from DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True,
+                                      generator=torch.Generator())
+
+        data = batches()
+
+        def steps(n):
+            sync()
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(n):
+                x, y, _ = next(data)
+                loss = loss_fn(net(x.to(d.device)), y.to(d.device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            sync()
+            return time.perf_counter() - wall, time.process_time() - cpu
+
+        return steps
+
+    single = trainer(copy.deepcopy(model), 1, 0, cfg.global_batch_size) if d.rank == 0 else None
+    ddp = trainer(wrap_ddp(copy.deepcopy(model), cfg, d), d.world_size, d.rank,
+                  cfg.per_rank_batch(d.world_size))
+    out = {"single_seconds": [], "single_cpu_seconds": [], "ddp_seconds": [], "ddp_cpu_seconds": []}
+    for _ in range(cfg.scaling_rounds):
+        dist.barrier()
+        wall, cpu = time.perf_counter(), time.process_time()
+        if d.rank == 0:
+            single(1)
+            w, c = single(cfg.scaling_steps)
+        dist.barrier()
+        if d.rank != 0:
+            w, c = time.perf_counter() - wall, time.process_time() - cpu
+        out["single_seconds"].append(w)
+        out["single_cpu_seconds"].append(c)
+        ddp(1)
+        w, c = ddp(cfg.scaling_steps)
+        out["ddp_seconds"].append(w)
+        out["ddp_cpu_seconds"].append(c)
+    restore_rng(rng)
+    return out
+
+
+def combine_scaling(per_rank, images):
+    """Throughputs from every rank's :func:`measure_scaling`; ``images`` per timed run (all ranks).
+
+    Per round: *single* = ``images / rank 0's seconds``; *ddp* = ``images / slowest rank's
+    seconds``; ``speedup = ddp / single``; each mode's share of a core = CPU seconds / wall
+    seconds (rank 0 alone; the mean over ranks with DDP; ``waiting_cpu_share``: the other
+    ranks' largest while rank 0 trains alone). Taught in 08_qat_at_scale.
+
+    >>> r0 = {"single_seconds": [2.0], "single_cpu_seconds": [1.8], "ddp_seconds": [1.0], "ddp_cpu_seconds": [0.9]}
+    >>> r1 = {"single_seconds": [2.0], "single_cpu_seconds": [0.0], "ddp_seconds": [1.25], "ddp_cpu_seconds": [1.0]}
+    >>> s = combine_scaling([r0, r1], images=100)
+    >>> s["single_images_per_second"], s["ddp_images_per_second"], s["speedup"], s["single_cpu_share"]
+    ([50.0], [80.0], [1.6], [0.9])
+    """
+    r0 = per_rank[0]
+    rounds = range(len(r0["ddp_seconds"]))
+    single = [images / r0["single_seconds"][i] for i in rounds]
+    ddp = [images / max(r["ddp_seconds"][i] for r in per_rank) for i in rounds]
+    return {
+        "rounds": len(rounds), "world_size": len(per_rank),
+        "single_images_per_second": single, "ddp_images_per_second": ddp,
+        "speedup": [b / a for a, b in zip(single, ddp)],
+        "single_cpu_share": [r0["single_cpu_seconds"][i] / r0["single_seconds"][i] for i in rounds],
+        "ddp_cpu_share": [sum(r["ddp_cpu_seconds"][i] / r["ddp_seconds"][i] for r in per_rank) / len(per_rank)
+                          for i in rounds],
+        "waiting_cpu_share": [max((r["single_cpu_seconds"][i] / r["single_seconds"][i] for r in per_rank[1:]),
+                                  default=0.0) for i in rounds],
+    }
+
+
+def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, evaluate, observers_disabled,
+            scaling=None):
     """After training: per-rank state and models, then rank 0's state on every rank, convert, ship.
 
     Eager: every rank converts its own state, then (after :func:`broadcast_state`) rank 0's,
@@ -752,7 +891,7 @@ def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, evalua
             "param_digest": state_digest(dict(model.named_parameters())),
             "bn_running_var": torch.cat([b.detach().double().cpu().flatten() for n, b in model.named_buffers()
                                          if n.endswith("running_var")] or [torch.zeros(0)]).tolist(),
-            "own_int8_digest": None, "own_int8_acc": None}
+            "own_int8_digest": None, "own_int8_acc": None, "scaling": scaling}
     if eager:
         own = convert_int8(model)  # what this rank would ship if it converted its own state
         mine.update(own_int8_digest=state_digest(own.state_dict()),
@@ -773,6 +912,9 @@ def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, evalua
                                    {"model": cfg.model, "weight_bits": cfg.weight_bits,
                                     "activation_bits": cfg.activation_bits, "format": FORMAT})
     metrics = _metrics(cfg, d, ranks, layout, fq_acc, int8_acc, resumed_from, started)
+    if scaling is not None:
+        metrics["scaling"] = combine_scaling([r["scaling"] for r in ranks],
+                                             images=cfg.global_batch_size * cfg.scaling_steps)
     metrics["shipped_file"] = str(shipped_file)
     _write_json(os.path.join(out, "metrics.json"), metrics)
     _log(d, f"done: fake-quant {fq_acc:.2f} %, int8 {int8_acc:.2f} %, shipped model identical on every "
@@ -809,7 +951,7 @@ def _metrics(cfg, d, ranks, layout, fq_acc, int8_acc, resumed_from, started):
         "config": asdict(cfg), "world_size": d.world_size, "backend": d.backend, "device": d.device,
         "threads": torch.get_num_threads(), "per_rank_batch": cfg.per_rank_batch(d.world_size),
         "steps": steps, "resumed_from_step": resumed_from,
-        "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), "store_prefix": d.store_prefix,
         "loss": loss, "loss_per_rank": [r["records"]["loss"] for r in ranks],
         "data_order_sha256": order.hexdigest()[:16],
         "fake_quant_acc": fq_acc, "int8_acc": int8_acc,

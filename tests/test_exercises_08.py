@@ -43,7 +43,6 @@ def test_python_floats_pass_too():
 
 
 @pytest.mark.parametrize("kwargs, hint", [
-    ({"copy_after": True}, "you copied rank 0's buffers AFTER the update"),
     ({"copy": False}, "yours keep their own running max, as with broadcast=False"),
     ({"observe": lambda t, at: t <= at}, "observers are off AT step freeze_at"),
     ({"observe": lambda t, at: t < at - 1}, "step freeze_at - 1 still updates"),
@@ -53,6 +52,46 @@ def test_python_floats_pass_too():
 def test_typical_mistakes_get_their_hint(kwargs, hint):
     with pytest.raises(ExerciseError, match=hint.replace("(", r"\(").replace(")", r"\)")):
         check_simulate_ranks(lambda *a: _solution(*a, **kwargs))
+
+
+def _rank0_batch_for_everyone(batch_max, c, freeze_at, broadcast):
+    """Broadcasts the data (rank 0's batch) instead of the buffer."""
+    steps, ranks = batch_max.shape
+    m = torch.full((ranks,), float("-inf"))
+    for t in range(steps):
+        seen = batch_max[t, 0].expand(ranks) if broadcast else batch_max[t]
+        if freeze_at is None or t < freeze_at:
+            m = torch.where(torch.isinf(m), seen, m + c * (seen - m))
+    return m
+
+
+def _copy_once_at_the_end(batch_max, c, freeze_at, broadcast):
+    m = _solution(batch_max, c, freeze_at, broadcast=False)
+    return m[0].repeat(len(m)) if broadcast else m
+
+
+@pytest.mark.parametrize("wrong", [lambda *a: _solution(*a, copy_after=True), _rank0_batch_for_everyone,
+                                   _copy_once_at_the_end], ids=["copy_after_update", "rank0_batch", "copy_at_end"])
+def test_every_rank_on_rank0s_trajectory_gets_the_hint_naming_all_three_slips(wrong):
+    """The three slips return the same values (a copy from rank 0 never changes rank 0), so one
+    hint names all three."""
+    with pytest.raises(ExerciseError, match="AFTER the update.*only once at the end.*rank 0's batch"):
+        check_simulate_ranks(wrong)
+
+
+def test_no_special_first_observation_gives_nan_and_its_hint():
+    def no_first_rule(batch_max, c, freeze_at, broadcast):
+        steps, ranks = batch_max.shape
+        m = torch.full((ranks,), float("-inf"))
+        for t in range(steps):
+            if broadcast:
+                m = m[0].repeat(ranks)
+            if freeze_at is None or t < freeze_at:
+                m = m + c * (batch_max[t] - m)  # -inf + inf = nan
+        return m
+
+    with pytest.raises(ExerciseError, match=r"returns NaN .*the first observation must SET the running max"):
+        check_simulate_ranks(no_first_rule)
 
 
 def test_averaging_instead_of_copying():

@@ -94,6 +94,8 @@ def no_process_left_behind():
     (["--sync-bn"], 1, "--sync-bn needs more than one process"),
     (["--backend", "mpi"], 1, "invalid choice: 'mpi'"),
     (["--checkpoint-every", "-1"], 1, "--checkpoint-every must be a non-negative int, got -1"),
+    (["--scaling-rounds", "3"], 1, "--scaling-rounds needs more than one process"),
+    (["--scaling-rounds", "3", "--scaling-steps", "0"], 2, "--scaling-steps must be a positive int, got 0"),
 ])
 def test_bad_arguments_are_usage_errors_naming_the_value(argv, world, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -109,6 +111,9 @@ def test_defaults_and_freeze_schedule():
     assert (cfg.freeze_bn_at, cfg.freeze_observers_at) == (None, 7)
     with pytest.raises(ValueError, match="--threads must be a positive int, got 0"):
         train_qat.Config(threads=0)
+    # DDP's flag is forward_sync_buffers since torch 2.13; the old name still parses
+    for flag in ("--no-forward-sync-buffers", "--no-broadcast-buffers"):
+        assert train_qat.parse_args([flag], world_size=2).forward_sync_buffers is False
 
 
 def test_help_runs_as_a_module():
@@ -195,9 +200,12 @@ def test_freeze_bn_is_not_in_the_state_dict_so_it_is_restored_explicitly(build):
 
 def test_pt2e_state_survives_a_checkpoint_bit_for_bit(build, keep_threads):
     """PT2E (exported graph, torchao FakeQuantize): two steps, a weights-only checkpoint of the
-    state, a freshly exported and prepared model loads it, and one more step gives the same
-    bits as the original. (A full ``--api pt2e`` run also pays ``convert_pt2e``, seconds per
-    call, so the test suite checks the state round trip that resuming depends on.)"""
+    state, a freshly prepared model loads it, and one more step gives the same bits as the
+    original. (A full ``--api pt2e`` run also pays ``convert_pt2e``, seconds per call, so the
+    test suite checks the state round trip that resuming depends on.) The fresh model is a copy
+    of ``a`` taken right after preparing, before any step: the same graph and untouched
+    observers that a second export and prepare would give, for the price of one export."""
+    import copy
     import io
     import warnings
 
@@ -208,6 +216,8 @@ def test_pt2e_state_survives_a_checkpoint_bit_for_bit(build, keep_threads):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         a = train_qat.build_qat_model(cfg, input_shape=data.input_shape)
+        b = copy.deepcopy(a)
+        assert distributed.state_digest(b.state_dict()) == distributed.state_digest(a.state_dict())
         opt_a = torch.optim.SGD(a.parameters(), lr=0.01, momentum=0.9)
 
         def step(model, opt):
@@ -223,7 +233,7 @@ def test_pt2e_state_survives_a_checkpoint_bit_for_bit(build, keep_threads):
         torch.save({"model": train_qat.cpu_state_dict(a), "opt": opt_a.state_dict()}, buffer)
         buffer.seek(0)
         saved = torch.load(buffer, weights_only=True)
-        b = train_qat.build_qat_model(cfg, input_shape=data.input_shape)
+        assert distributed.state_digest(b.state_dict()) != distributed.state_digest(a.state_dict())
         b.load_state_dict(saved["model"])
         opt_b = torch.optim.SGD(b.parameters(), lr=0.01, momentum=0.9)
         opt_b.load_state_dict(saved["opt"])
@@ -303,7 +313,15 @@ def test_killed_torchrun_job_resumes_bit_exact(build, tmp_path):
     shifts make the RNG matter), the shipped int8 model and every step's loss."""
     env = {"QATLAB_BUILD": str(build)}
     common = ["--steps", "24", "--threads", "1", "--no-progress", "--augment-shift", "2", "--seed", "5"]
-    ref = _run_job([*common, "--out", tmp_path / "ref"], env)
+    # the reference also times 1 vs 2 processes after training: on copies, with the RNGs restored,
+    # so its training state, RNG digests and shipped model must still equal the resumed run's
+    ref = _run_job([*common, "--scaling-rounds", "2", "--scaling-steps", "2", "--out", tmp_path / "ref"], env)
+    scaling = ref["scaling"]
+    assert scaling["rounds"] == 2 and scaling["world_size"] == 2
+    for key in ("single_images_per_second", "ddp_images_per_second", "speedup"):
+        assert len(scaling[key]) == 2 and all(v > 0 for v in scaling[key]), key
+    assert all(0 < v <= 1.5 for v in scaling["single_cpu_share"] + scaling["ddp_cpu_share"])
+    assert max(scaling["waiting_cpu_share"]) < 0.2, "a rank waiting at the barrier must not spin"
 
     crash_out = tmp_path / "crash"
     cmd = torchrun_command([*common, "--checkpoint-every", "4", "--resume", "--out", crash_out], nproc=2)
@@ -350,10 +368,43 @@ def _run_job(args, env):
     return json.loads((out / "metrics.json").read_text())
 
 
-def test_no_orphans_survive_a_failed_launch(tmp_path):
-    """A torchrun job whose workers fail at once (bad argument) exits non-zero and leaves nothing."""
-    cmd = torchrun_command(["--global-batch-size", "63"], nproc=2)
-    with Job(cmd, log=tmp_path / "bad.log", timeout=300) as job:
+_RESTART_WORKER = """
+import os, sys, time
+import torch.distributed as dist
+from qatlab.distributed import init_distributed
+
+restart, rank = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), int(os.environ["RANK"])
+if restart == 1:
+    if rank == 0:  # the failed round's rank-1 gloo address is still in torchrun's store
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+        print("stale rank-1 address:", store.check(["default_pg/0//cpu//0/1"]), flush=True)
+    else:  # rank 0 joins first: a plain init_process_group would read that stale address
+        time.sleep(1.5)
+d = init_distributed("gloo", timeout=60)
+dist.barrier()
+print(f"restart {restart} rank {rank} joined, keys under {d.store_prefix}", flush=True)
+dist.destroy_process_group()
+if restart == 0 and rank == 1:
+    os._exit(9)  # a crash: torchrun restarts both workers
+sys.exit(3 if restart == 1 else 0)  # and the last round fails: no restarts left
+"""
+
+
+def test_restarted_workers_join_despite_the_failed_rounds_keys_and_a_failed_job_leaves_nothing(tmp_path):
+    """torchrun --max-restarts=1 keeps its store across the restart, with the failed round's keys
+    (pytorch/pytorch#135712). Rank 1 crashes in round 0; in round 1 rank 0 finds rank 1's old
+    gloo address still in the store and joins first. init_distributed puts round 1's keys under
+    their own prefix, so both ranks join. Round 1 then fails on purpose: torchrun, out of
+    restarts, exits non-zero and leaves no process behind."""
+    script = tmp_path / "worker.py"
+    script.write_text(_RESTART_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+           "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--rdzv-id=restart-test", "--max-restarts=1",
+           "--monitor-interval=0.1", str(script)]
+    with Job(cmd, log=tmp_path / "restart.log", timeout=300) as job:
         code = job.wait()
-    assert code != 0 and job.leftovers() == []
-    assert "not divisible by the 2 processes" in (tmp_path / "bad.log").read_text()
+    assert code != 0 and job.leftovers() == [] and tagged_processes(job.tag) == {}
+    assert "stale rank-1 address: True" in job.output, job.output
+    for rank in (0, 1):
+        assert f"restart 0 rank {rank} joined, keys under None" in job.output, job.output
+        assert f"restart 1 rank {rank} joined, keys under qatlab/restart_1/" in job.output, job.output

@@ -56,10 +56,15 @@ def _simulate(batch_max, c, freeze_at, broadcast, *, when="before", observe_cmp=
 
 # (name, keywords for _simulate, hint)
 _WRONG = (
+    # Three slips return exactly this (rank 0's own trajectory, on every rank): copying rank 0's
+    # buffer after the update, copying it once at the end, and giving every rank rank 0's batch.
+    # A copy *from* rank 0 never changes rank 0, so no returned value can tell them apart.
     ("after", {"when": "after"},
-     "your ranks end equal while observers still learn: you copied rank 0's buffers AFTER the "
-     "update. DDP broadcasts at the START of forward(), so each rank then updates on its own "
-     "batch and the ranks differ by that last step"),
+     "every rank ends with exactly rank 0's value while the observers still learn, as if all ranks "
+     "had seen rank 0's batches. Three slips give this: copying rank 0's buffer AFTER the update, "
+     "copying it only once at the end, or giving every rank rank 0's batch (the data) instead of "
+     "its buffer. DDP copies the buffer at the START of every forward, and then each rank updates "
+     "it from its OWN batch, so after every step the ranks differ by what that step added"),
     ("ignored", {"sync": "none"},
      "with broadcast=True every rank must start each step from rank 0's value; yours keep their "
      "own running max, as with broadcast=False"),
@@ -126,6 +131,13 @@ def check_simulate_ranks(simulate_ranks):
     for _, keywords, hint in _WRONG:
         if all(_close(got, _simulate(*cases[i], **keywords)) for i, (_, got) in enumerate(results)):
             raise ExerciseError(hint)
+    nan = next(((w, got) for w, got in results if torch.isnan(got).any()), None)
+    if nan is not None:
+        raise ExerciseError(f"{nan[0]} returns NaN ({[round(v, 4) for v in nan[1].tolist()]}). With the buffer "
+                            "at its start value -inf, m + c * (batch_max - m) is -inf + inf = NaN: the first "
+                            "observation must SET the running max to that batch's max (torch's observer does "
+                            "so while its buffer still holds -inf); only later steps move it by "
+                            "c * (batch_max - m)")
     i, where, got = first_bad
     want = reference_ranks(*cases[i]).double()
     r = int((got - want).abs().argmax())
