@@ -42,7 +42,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from .distributed import (
     _env_world_size,
@@ -195,7 +195,8 @@ def build_parser():
                     "converted int8 model and metrics.json. Taught in notebook 08_qat_at_scale.",
         epilog="Examples: python -m qatlab.train_qat --steps 200 | torchrun --standalone "
                "--nproc_per_node=2 -m qatlab.train_qat --steps 200 --checkpoint-every 50")
-    d = Config()
+    # the defaults without validating them: Config() would import torch, and --help needs none of it
+    d = argparse.Namespace(**{f.name: f.default for f in fields(Config)})
     p.add_argument("--model", default=d.model, help="baseline to quantize: smallcnn or tinymobilenet "
                    "(default: %(default)s; trained first if its checkpoint is missing)")
     p.add_argument("--dataset", default=d.dataset, help="qatlab dataset (default: %(default)s, offline)")

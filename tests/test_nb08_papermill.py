@@ -6,7 +6,7 @@ import pytest
 @pytest.mark.notebook
 def test_nb08_runs_with_seed_1(run_notebook, notebook_build):
     _reuse_trained_baseline(notebook_build)
-    r = run_notebook("08_qat_at_scale", seed=1, steps=24, checkpoint_every=6)
+    r = run_notebook("08_qat_at_scale", seed=1, steps=24, checkpoint_every=6, scaling_rounds=3, scaling_steps=4)
     assert r["resume_bitexact"] == 1 and r["shipped_model_rank_independent"] == 1
     assert 6 <= r["resumed_from_step"] < 24
     for key in ("ddp1_int8_acc", "ddp2_int8_acc"):
@@ -15,10 +15,11 @@ def test_nb08_runs_with_seed_1(run_notebook, notebook_build):
     # observers are frozen from step 18 of 24: the broadcast leaves the ranks equal, its absence does not
     assert r["ranks_scale_max_rel_diff_broadcast"] == 0.0
     assert 0.0 < r["ranks_scale_max_rel_diff_broadcast_while_observing"] < r["ranks_scale_max_rel_diff_no_broadcast"]
-    assert 0.1 < r["ddp2_throughput_over_ddp1"] < 10
+    assert 0.1 < r["ddp2_throughput_over_ddp1"] < 10 and r["ddp2_throughput_over_ddp1_sd"] >= 0
+    assert 0 < r["ddp1_cpu_share"] <= 1.5 and 0.1 < r["ddp2_cpu_per_image_over_ddp1"] < 10
     assert r["goal_ddp_acc_met"] in (0, 1)
     runs = notebook_build / "train_qat" / "08_seed1"
-    for name in ("one", "two", "two_no_broadcast", "crash"):
+    for name in ("one", "two", "two_no_sync", "crash"):
         assert (runs / name / "model_int8.pt").exists(), name
 
 
