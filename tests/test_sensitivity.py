@@ -219,7 +219,7 @@ def test_activation_sqnr_matches_torch_numeric_suite():
     ours = sens.activation_sqnr(fused, q, x, list(ref))
     assert list(ours) == list(ref)
     for n in ref:
-        assert abs(ours[n] - ref[n]) < 1e-3, n
+        assert abs(ours[n] - ref[n]) < 0.01, n  # dB; torch computes in float32, ours in float64
 
 
 def test_layer_outputs_names_a_module_that_did_not_run():
