@@ -91,6 +91,28 @@ def restart_store_prefix(env):
     return f"qatlab/restart_{restart}/" if shared and restart > 0 and one_node else None
 
 
+def shared_store_warning(env):
+    """Why a torchrun job on several nodes with ``--max-restarts`` needs a fresh store per round, or ``None``.
+
+    Taught in 08_qat_at_scale (see :func:`restart_store_prefix`).
+
+    >>> env = {"TORCHELASTIC_USE_AGENT_STORE": "True", "GROUP_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "3"}
+    >>> "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in shared_store_warning(env)
+    True
+    >>> shared_store_warning({**env, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None  # the variable is set
+    True
+    >>> shared_store_warning({**env, "GROUP_WORLD_SIZE": "1"}) is None  # one node: restart_store_prefix
+    True
+    """
+    if (env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(env.get("GROUP_WORLD_SIZE", "1")) > 1
+            and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0):
+        return (f"torchrun on several nodes with --max-restarts keeps one rendezvous store across restarts, "
+                f"and a restarted rank can read a dead rank's address from it; the nodes' restart counts "
+                f"can differ, so no key prefix separates the rounds (pytorch/pytorch#135712). Set "
+                f"{SHARED_STORE_OPT_OUT}=1 for torchrun on every node: each round then gets a fresh store")
+    return None
+
+
 def init_distributed(backend="auto", timeout=600.0):
     """Join torchrun's process group (``env://``) when there is one; return a :class:`Dist`.
 
@@ -119,14 +141,11 @@ def init_distributed(backend="auto", timeout=600.0):
         device = f"cuda:{local_rank}"
     wait = datetime.timedelta(seconds=timeout)
     prefix = restart_store_prefix(os.environ)
-    if (rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-            and int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1
-            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0):
+    warning = shared_store_warning(os.environ)
+    if rank == 0 and warning:
         import warnings
 
-        warnings.warn(f"torchrun on several nodes with --max-restarts shares one store across restarts, and a "
-                      f"restarted rank can read a dead rank's address from it (pytorch/pytorch#135712): set "
-                      f"{SHARED_STORE_OPT_OUT}=1 for torchrun on every node", stacklevel=2)
+        warnings.warn(warning, stacklevel=2)
     if prefix is not None:
         store = dist.PrefixStore(prefix, dist.TCPStore(
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=wait))

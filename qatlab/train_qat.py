@@ -4,8 +4,11 @@ Taught in 08_qat_at_scale. The same command runs alone or under ``torchrun``::
 
     python -m qatlab.train_qat --steps 200                                  # one process
     torchrun --standalone --nproc_per_node=2 -m qatlab.train_qat --steps 200   # 2 processes, one machine
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d \\
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d \\
         --rdzv-endpoint=HOST:29400 --rdzv-id=JOB -m qatlab.train_qat ...     # on every node
+
+(On several nodes the variable gives every ``--max-restarts`` round a fresh rendezvous store:
+see :func:`qatlab.distributed.restart_store_prefix`.)
 
 What a run does, on every process (rank):
 
@@ -18,7 +21,9 @@ What a run does, on every process (rank):
 4. freezes BN statistics and observers on the step schedule of :func:`qatlab.qat.freeze_schedule`;
 5. every ``--checkpoint-every`` steps, rank 0 writes one atomic checkpoint with every rank's state;
 6. at the end, copies rank 0's QAT state to every rank (``torch.distributed.broadcast``), so
-   every rank would convert the same int8 model, and rank 0 ships it.
+   every rank would convert the same int8 model, and rank 0 ships it;
+7. with ``--scaling-rounds N``, before that, times rank 0 alone against all ranks with DDP in N
+   interleaved rounds, on copies of the trained model (:func:`measure_scaling`).
 
 Files in ``--out`` (written by rank 0, atomically):
 
