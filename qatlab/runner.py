@@ -4,7 +4,8 @@
 
 - executes ``notebooks/*.ipynb`` in order with papermill into ``build/executed/``;
 - removes the progress bars from the saved outputs (:func:`strip_progress_bars`: a
-  tqdm bar is a widget, and without a live kernel only its first frame, ``0%|``, is left);
+  tqdm bar is a widget, and without a live kernel only its first frame, ``0%|``, is left),
+  and the stream outputs that hold only whitespace (the clearing frame of a text-mode bar);
 - renders each executed notebook to ``build/html/<stem>.html``, ``notebooks/glossary.md``
   to ``build/html/glossary.html``, and writes ``build/html/index.html``; the site works
   offline (see :mod:`qatlab.site`);
@@ -49,32 +50,40 @@ def _is_progress_bar(output):
     return False
 
 
+def _is_blank_stream(output):
+    """A stdout/stderr output with nothing but whitespace: the ``\\r   \\r`` frame a text-mode
+    tqdm bar (``leave=False``) writes to clear itself, or a lone newline; rendered, an empty box."""
+    return output.get("output_type") == "stream" and not output.get("text", "").strip()
+
+
 def strip_progress_bars(nb):
-    """Remove tqdm progress-bar outputs from the nbformat notebook ``nb`` (in place);
-    return how many were removed.
+    """Remove tqdm progress-bar outputs, and stream outputs that are only whitespace, from the
+    nbformat notebook ``nb`` (in place); return how many were removed.
 
     >>> import nbformat
     >>> cell = nbformat.v4.new_code_cell("train()", outputs=[
     ...     nbformat.v4.new_output("display_data", data={
     ...         "text/plain": "epoch 1/8:   0%|          | 0/63 [00:00<?, ?it/s]",
     ...         "application/vnd.jupyter.widget-view+json": {"model_id": "abc"}}),
+    ...     nbformat.v4.new_output("stream", name="stderr", text="\\r" + " " * 60 + "\\r"),
     ...     nbformat.v4.new_output("stream", name="stdout", text="trained in 7.5 s\\n")])
     >>> nb = nbformat.v4.new_notebook(cells=[cell])
     >>> strip_progress_bars(nb), [o.output_type for o in nb.cells[0].outputs]
-    (1, ['stream'])
+    (2, ['stream'])
     """
     removed = 0
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
-        kept = [o for o in cell.outputs if not _is_progress_bar(o)]
+        kept = [o for o in cell.outputs if not (_is_progress_bar(o) or _is_blank_stream(o))]
         removed += len(cell.outputs) - len(kept)
         cell.outputs = kept
     return removed
 
 
 def clean_executed(path):
-    """Strip progress bars from the executed notebook at ``path``, rewriting it atomically."""
+    """Strip progress bars and blank stream outputs from the executed notebook at ``path``,
+    rewriting it atomically."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)

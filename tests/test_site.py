@@ -184,3 +184,25 @@ def test_glossary_links_to_notebooks_resolve():
     assert not present, f"glossary links to missing notebooks: {present}"
     if missing:
         pytest.skip(f"glossary links to notebooks not in this checkout yet: {missing}")
+
+
+def test_executed_notebooks_lose_text_mode_bars_and_their_blank_clearing_frames(tmp_path):
+    """A text-mode tqdm bar with leave=False ends with a frame of spaces on stderr (an empty pink box
+    in HTML); the runner's cleaning drops it with the bar frames and keeps real output and warnings."""
+    import nbclient
+
+    from qatlab.runner import clean_executed, strip_progress_bars
+
+    code = ("import sys, time, warnings\nfrom tqdm import tqdm\n"
+            "for _ in tqdm(range(3), desc='steps', leave=False):\n    time.sleep(0.05)\n"
+            "print('done')\nprint('a real message', file=sys.stderr)")
+    nb = new_notebook(cells=[new_code_cell(code)])
+    nbclient.NotebookClient(nb, kernel_name="python3", timeout=60).execute()
+    blank = [o for o in nb.cells[0].outputs if o.output_type == "stream" and not o.text.strip()]
+    assert blank, "the kernel no longer emits a blank clearing frame: this test checks nothing"
+    path = tmp_path / "executed.ipynb"
+    nbformat.write(nb, path)
+    clean_executed(path)
+    kept = nbformat.read(path, as_version=4).cells[0].outputs
+    assert [(o.name, o.text.strip()) for o in kept] == [("stdout", "done"), ("stderr", "a real message")]
+    assert strip_progress_bars(nbformat.read(path, as_version=4)) == 0  # nothing left to strip
