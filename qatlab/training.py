@@ -3,6 +3,7 @@
 Taught in 00_start_here; reused by every later notebook.
 """
 
+import contextlib
 import random
 
 import numpy as np
@@ -30,25 +31,111 @@ def _check_loader(loader, what):
         raise TypeError(f"{what} must be an iterable of (x, y) batches, got {type(loader).__name__}")
 
 
+def _is_exported(model):
+    """An exported (``torch.export`` / PT2E) graph: a GraphModule whose nodes carry export metadata."""
+    return isinstance(model, torch.fx.GraphModule) and any("val" in n.meta for n in model.graph.nodes)
+
+
+def _train_flags(graph_module):
+    """The ``training`` / ``train`` argument of every op of a graph that has one (BatchNorm, dropout)."""
+    flags = []
+    for node in graph_module.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None:
+            continue
+        for i, arg in enumerate(schema.arguments):
+            if arg.name in ("training", "train"):
+                flags.append(bool(node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)))
+    return flags
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Eval mode inside the block; afterwards the mode the model had, through its own switch.
+
+    An eager module: ``.eval()``, then ``.train(was_training)``. An exported graph
+    keeps its mode in its ops (each BatchNorm's ``training`` argument, each
+    dropout's ``train``), not in ``.training``, which torchao's
+    ``move_exported_model_to_eval`` leaves ``True``. So the ops decide: a graph
+    whose ops are all in eval form is evaluated as it is, untouched; a graph whose
+    ops are all in training form goes through its train/eval switch
+    (:func:`qatlab.qat.allow_train_eval`, or torchao's
+    ``allow_exported_model_train_eval``) and back, which moves every op to eval
+    form and back. A graph with ops in both forms (BatchNorm frozen, dropout
+    still training) cannot be put back that way: ``.train()`` would move every
+    BatchNorm to training form, so it is refused, as is a graph in training form
+    without a switch.
+    """
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    if not _is_exported(model):
+        was_training = model.training
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+        return
+    flags = _train_flags(model)
+    if not any(flags):
+        yield
+        return
+    if not all(flags):
+        raise ValueError(
+            f"this exported graph has {sum(flags)} of its {len(flags)} BatchNorm/dropout ops in training form "
+            f"and the others in eval form (frozen BatchNorm): switching it to eval and back with .train() would "
+            f"unfreeze its BatchNorm. Call .eval() (or torchao's move_exported_model_to_eval) before predicting, "
+            f"and qatlab.qat.freeze_pt2e_bn_stats again after .train()")
+    try:
+        model.eval()
+    except NotImplementedError:
+        raise ValueError(
+            f"this exported graph has {len(flags)} BatchNorm/dropout ops in training form and no train/eval "
+            f"switch: call torchao's move_exported_model_to_eval(model) before predicting, or give it the switch "
+            f"with qatlab.qat.allow_train_eval(model)") from None
+    if any(_train_flags(model)):
+        model.train()
+        raise ValueError(f"{type(model).__name__}.eval() left BatchNorm/dropout ops of this exported graph in "
+                         f"training form: call torchao's move_exported_model_to_eval(model) before predicting")
+    try:
+        yield
+    finally:
+        model.train()  # every op was in training form: the switch puts them all back
+
+
 @torch.no_grad()
 def predict(model, loader, device=None, progress=False):
-    """Concatenated logits and labels over ``loader``: ``(logits, labels)``."""
+    """Concatenated logits and labels over ``loader``: ``(logits, labels)``, in eval mode.
+
+    Taught in 00_start_here. The model runs in eval mode and gets its own mode
+    back afterwards: an eager module through ``.eval()`` and
+    ``.train(was_training)``; an exported (PT2E) graph, whose mode lives in its
+    BatchNorm and dropout ops rather than in ``.training``, is run as it is when
+    those ops are in eval form (after ``move_exported_model_to_eval``), and
+    switched to eval and back through its own switch
+    (:func:`qatlab.qat.allow_train_eval`) when they are all in training form. A
+    graph that cannot be evaluated and put back faithfully (training form without
+    a switch, or frozen BatchNorm next to training dropout) raises ``ValueError``.
+    Observers are not switched off: see :func:`qatlab.qat.evaluate_fake_quant`.
+
+    >>> m = nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5)).train()
+    >>> logits, labels = predict(m, [(torch.ones(4, 3), torch.zeros(4))])
+    >>> logits.shape, bool((logits == logits[0]).all()), m.training   # no dropout, mode restored
+    (torch.Size([4, 2]), True, True)
+    """
     _check_loader(loader, "loader")
     device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
     logits, labels = [], []
-    for x, y in tqdm(loader, desc="predict", leave=False, disable=not progress):
-        logits.append(model(x.to(device)).float().cpu())
-        labels.append(y)
-    if was_training:
-        model.train()
+    with _eval_mode(model):
+        for x, y in tqdm(loader, desc="predict", leave=False, disable=not progress):
+            logits.append(model(x.to(device)).float().cpu())
+            labels.append(y)
     return torch.cat(logits), torch.cat(labels)
 
 
 def evaluate(model, loader, device=None, progress=False):
-    """Top-1 accuracy in percent over ``loader``."""
+    """Top-1 accuracy in percent over ``loader``, in eval mode (see :func:`predict`). Taught in 00_start_here."""
     logits, labels = predict(model, loader, device=device, progress=progress)
     return 100.0 * (logits.argmax(1) == labels).float().mean().item()
 

@@ -125,3 +125,107 @@ def test_corrupt_or_foreign_checkpoint_is_retrained_or_rejected(tmp_path, monkey
     assert calls == [{"path": path, "model": "tinyvit"}]
     with pytest.raises(ValueError, match="model must be one of"):
         qatlab.load_baseline(path, model="resnet")
+
+
+# --- predict / evaluate on exported (PT2E) graphs: the mode lives in the graph's ops ---------------
+
+def _conv_bn_net():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 4))
+    net.train()(torch.randn(32, 1, 6, 6) * 2 + 1)  # running statistics that differ from any batch's
+    return net
+
+
+def _bn_training_flags(graph_module):
+    return [bool(n.args[5]) for n in graph_module.graph.nodes
+            if n.op == "call_function" and n.target == torch.ops.aten.batch_norm.default]
+
+
+def _loader():
+    torch.manual_seed(1)
+    return [(torch.randn(8, 1, 6, 6), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
+
+
+def _exported(net, mode="train"):
+    getattr(net, mode)()
+    batch = ({0: torch.export.Dim("batch")},)
+    return torch.export.export(net, (torch.randn(2, 1, 6, 6),), dynamic_shapes=batch).module()
+
+
+def test_predict_leaves_an_exported_graph_moved_to_eval_in_eval_form():
+    """torchao's switch plus move_exported_model_to_eval: ``.training`` still reads True, the ops are in
+    eval form; predict must not move BatchNorm back to training form afterwards."""
+    from torchao.quantization.pt2e import (
+        allow_exported_model_train_eval,
+        move_exported_model_to_eval,
+    )
+
+    net, loader = _conv_bn_net(), _loader()
+    g = allow_exported_model_train_eval(_exported(net))
+    move_exported_model_to_eval(g)
+    assert g.training and _bn_training_flags(g) == [False]  # the flag and the graph disagree
+    logits, _ = qatlab.predict(g, loader)
+    assert _bn_training_flags(g) == [False], "predict put BatchNorm back into training form"
+    with torch.no_grad():
+        torch.testing.assert_close(logits, net.eval()(torch.cat([x for x, _ in loader])), rtol=1e-5, atol=1e-5)
+    assert qatlab.evaluate(g, loader) == qatlab.evaluate(g, loader)  # nothing drifts between calls
+
+
+def test_predict_keeps_frozen_batchnorm_of_a_graph_in_training():
+    """qatlab.qat.allow_train_eval: a QAT graph training with its BN frozen (.training True) keeps the freeze."""
+    from qatlab.qat import allow_train_eval, freeze_pt2e_bn_stats
+
+    g = allow_train_eval(_exported(_conv_bn_net())).train()
+    freeze_pt2e_bn_stats(g)
+    qatlab.predict(g, _loader())
+    assert _bn_training_flags(g) == [False] and g.training  # still frozen, still in training
+
+
+def test_predict_switches_a_training_graph_to_eval_and_back():
+    """A graph in training form with a train/eval switch: evaluated in eval form, then put back."""
+    from qatlab.qat import allow_train_eval
+
+    net, loader = _conv_bn_net(), _loader()
+    g = allow_train_eval(_exported(net)).train()
+    stats = [b for name, b in g.named_buffers() if name.endswith(("running_mean", "running_var"))]
+    before = [b.clone() for b in stats]
+    logits, _ = qatlab.predict(g, loader)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, net.eval()(torch.cat([x for x, _ in loader])), rtol=1e-5, atol=1e-5)
+    assert len(stats) == 2 and all(torch.equal(a, b) for a, b in zip(before, stats))  # running statistics kept
+    assert _bn_training_flags(g) == [True] and g.training
+
+
+def test_predict_runs_a_plain_exported_graph_in_eval_form():
+    """torch.export's .module() refuses .eval(); a graph already in eval form needs none."""
+    net, loader = _conv_bn_net(), _loader()
+    g = _exported(net, "eval")
+    logits, _ = qatlab.predict(g, loader)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, net(torch.cat([x for x, _ in loader])), rtol=1e-5, atol=1e-5)
+
+
+def test_predict_refuses_graphs_it_cannot_put_in_eval_form_and_back():
+    g = _exported(_conv_bn_net())  # training form, no switch
+    with pytest.raises(ValueError, match="move_exported_model_to_eval"):
+        qatlab.predict(g, _loader())
+    assert _bn_training_flags(g) == [True]
+    from qatlab.qat import allow_train_eval, freeze_pt2e_bn_stats
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Dropout(0.5),
+                              torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 4))
+    mixed = allow_train_eval(_exported(net)).train()
+    freeze_pt2e_bn_stats(mixed)  # BN frozen, dropout still in training form: .train() would unfreeze BN
+    with pytest.raises(ValueError, match="unfreeze"):
+        qatlab.predict(mixed, _loader())
+    assert _bn_training_flags(mixed) == [False]
+
+
+def test_predict_restores_an_eager_model_s_mode():
+    net, loader = _conv_bn_net(), _loader()
+    qatlab.predict(net.train(), loader)
+    assert net.training and net[1].training
+    qatlab.predict(net.eval(), loader)
+    assert not net.training
