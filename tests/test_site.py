@@ -161,7 +161,7 @@ def test_the_real_glossary_has_every_anchor_other_notebooks_link_to():
     assert ids == ["ptq", "qat", "fake-quant", "observer", "qparams", "per-tensor-per-channel", "pt2e",
                    "executorch", "xnnpack", "delegate", "lowering", "qdq", "requantization",
                    "reduce-range", "vnni", "lsq", "iqr", "sqnr", "ste", "group-wise", "per-token",
-                   "ddp", "mcnemar"]
+                   "ddp", "rendezvous", "mcnemar"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
