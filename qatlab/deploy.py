@@ -55,7 +55,11 @@ def save_state_dict(model, path):
 
 @dataclass(frozen=True)
 class Timing:
-    """What :func:`benchmark` measured: milliseconds per call, and how."""
+    """What :func:`benchmark` measured: milliseconds per call, and how.
+
+    ``threads`` is the thread count of the runtime that ran the calls, named in
+    ``runtime`` (``None`` when that runtime cannot report it).
+    """
 
     median_ms: float
     iqr_ms: float
@@ -63,27 +67,34 @@ class Timing:
     q3_ms: float
     repeats: int
     warmup: int
-    threads: int
+    threads: int | None
     times_ms: tuple
+    runtime: str = "PyTorch"
 
     def __str__(self):
+        threads = "unknown" if self.threads is None else self.threads
         return (f"{self.median_ms:.3f} ms (IQR {self.iqr_ms:.3f} ms, {self.repeats} runs, "
-                f"{self.threads} threads)")
+                f"{threads} {self.runtime} threads)")
 
 
 def benchmark(fn, *args, warmup=3, repeats=20, threads=2):
     """Time ``fn(*args)``: ``warmup`` untimed calls, then the median and IQR of ``repeats``.
 
     Taught in 05_deployment. ``torch.set_num_threads(threads)`` holds during
-    the measurement (and is restored after), and the thread count is recorded
-    in the result; runtimes with their own thread pools (ExecuTorch, ONNX
-    Runtime) are set when they are loaded (:func:`load_executorch`,
-    :func:`load_onnx`). The median and the interquartile range (q3 − q1) are
-    robust to the odd slow run caused by another process on a shared machine.
+    the measurement (and is restored after). Runtimes with their own thread
+    pools are sized when they are loaded (:func:`load_executorch`,
+    :func:`load_onnx`), and the result records the threads of the runtime
+    that really ran ``fn``, read after the timed calls: for a callable from
+    :func:`load_executorch`, the size of ExecuTorch's (process-wide) thread pool
+    as its runtime reports it; for one from :func:`load_onnx`, the session's
+    intra-op threads; for anything else (an eager module, a function), torch's
+    intra-op threads. ``Timing.runtime`` names which. The median and the
+    interquartile range (q3 − q1) are robust to the odd slow run caused by
+    another process on a shared machine.
 
     >>> t = benchmark(sum, [1, 2, 3], warmup=1, repeats=5, threads=1)
-    >>> t.repeats, t.threads, t.median_ms >= 0, t.iqr_ms >= 0
-    (5, 1, True, True)
+    >>> t.repeats, t.threads, t.runtime, t.median_ms >= 0, t.iqr_ms >= 0
+    (5, 1, 'PyTorch', True, True)
     """
     import torch
 
@@ -103,12 +114,14 @@ def benchmark(fn, *args, warmup=3, repeats=20, threads=2):
                 start = time.perf_counter()
                 fn(*args)
                 times.append(1e3 * (time.perf_counter() - start))
-        measured_threads = torch.get_num_threads()
+        thread_count = getattr(fn, "thread_count", None)  # set by load_executorch / load_onnx
+        measured_threads = thread_count() if callable(thread_count) else torch.get_num_threads()
     finally:
         torch.set_num_threads(old_threads)
     q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
     return Timing(median_ms=statistics.median(times), iqr_ms=q3 - q1, q1_ms=q1, q3_ms=q3,
-                  repeats=repeats, warmup=warmup, threads=measured_threads, times_ms=tuple(times))
+                  repeats=repeats, warmup=warmup, threads=measured_threads, times_ms=tuple(times),
+                  runtime=getattr(fn, "runtime", "PyTorch") if callable(thread_count) else "PyTorch")
 
 
 def parity(a_logits, b_logits):
@@ -152,6 +165,11 @@ def cpu_flags(names=CPU_FLAGS):
 
 
 # ---------------------------------------------------------------- ExecuTorch
+
+
+def _check_threads(threads):
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an int >= 1, got {threads!r}")
 
 
 def _require(module, what):
@@ -276,7 +294,11 @@ def load_executorch(path, threads=2, max_batch=None):
     """Load a .pte file and return a callable ``run(x) -> logits`` (05_deployment).
 
     ``threads`` sets the size of ExecuTorch's CPU thread pool (the one
-    XNNPACK uses). A file that is not an ExecuTorch program raises
+    XNNPACK uses). The pool is one per process: loading another program with
+    other ``threads`` resizes it for every program; ``run.thread_count()``
+    returns its size as the runtime reports it (``None`` for an ExecuTorch
+    without ``_threadpool_get_thread_count``), which is what :func:`benchmark`
+    records. A file that is not an ExecuTorch program raises
     ``ValueError`` naming it. The callable exposes the program's planned input
     shape as ``run.input_shape`` and its batch bound as ``run.max_batch``
     (``None`` for a program with a fixed batch). The bound comes from the
@@ -291,6 +313,7 @@ def load_executorch(path, threads=2, max_batch=None):
     _require("executorch.runtime", "load_executorch")
     from .noise import native_stderr_filtered
 
+    _check_threads(threads)
     path = Path(path)
     file_size(path)  # FileNotFoundError for a missing file
     if path.read_bytes()[4:8] != b"ET12":
@@ -324,7 +347,9 @@ def load_executorch(path, threads=2, max_batch=None):
             raise ValueError(f"{path.name} runs batches of 1..{max_batch} rows, got {rows}")
         return method.execute((x.contiguous(),))[0]
 
+    pool_size = getattr(portable, "_threadpool_get_thread_count", None)
     run.input_shape, run.program, run.max_batch = shape, program, max_batch
+    run.runtime, run.thread_count = "ExecuTorch", (lambda: int(pool_size()) if pool_size else None)
     return run
 
 
@@ -428,43 +453,69 @@ ORT_OPTIMIZATIONS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                      "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
-def load_onnx(path, threads=2, optimization="all"):
+def load_onnx(path, threads=2, optimization="all", optimized_model_path=None):
     """An ONNX Runtime session as a callable ``run(x) -> logits`` (05_deployment).
 
-    ``threads`` sets ``intra_op_num_threads`` (inter-op is 1).
-    ``optimization`` is ORT's graph optimization level (a key of
-    :data:`ORT_OPTIMIZATIONS`): from ``"extended"`` on, ORT fuses QDQ pairs
-    into int8 kernels (``QLinearConv`` …) whose rounding differs from
-    PyTorch's reference; ``"basic"`` keeps the QDQ arithmetic. A file that is
-    not an ONNX model raises ``ValueError`` naming it.
+    ``threads`` sets ``intra_op_num_threads`` (inter-op is 1);
+    ``run.thread_count()`` reads it back from the session (what
+    :func:`benchmark` records). ``optimization`` is ORT's graph optimization
+    level (a key of :data:`ORT_OPTIMIZATIONS`), which decides what a QDQ graph
+    computes (taught in 05_deployment and 09_integer_kernels):
+
+    - ``"none"`` (``ORT_DISABLE_ALL``) runs the graph as exported: dequantize,
+      float Conv/Gemm with the float bias, ``QuantizeLinear``, which computes
+      ``round(x / s) + z`` where PyTorch computes ``round(x · (1/s)) + z``;
+    - ``"basic"`` already rewrites it: ORT's ``WeightBiasQuantization`` pass turns
+      each Conv/Gemm float bias into an int32 initializer ``round(b / (s_x s_w))``
+      followed by ``DequantizeLinear``, the integer kernels' bias rounding;
+    - from ``"extended"`` on (``"all"`` is ORT's default), each DequantizeLinear →
+      Conv/Gemm → QuantizeLinear group is fused into one ``QLinearConv``/``QGemm``.
+
+    ``optimized_model_path`` (a file path, or ``None``) saves the graph the session
+    really runs (``SessionOptions.optimized_model_filepath``; written by ORT when the
+    session is created, then moved into place), so you can read which of these it
+    is. A file that is not an ONNX model raises ``ValueError`` naming it.
     """
     ort = _require("onnxruntime", "load_onnx")
+    import contextlib
+
     import torch
 
     if optimization not in ORT_OPTIMIZATIONS:
         raise ValueError(f"optimization must be one of {sorted(ORT_OPTIMIZATIONS)}, got {optimization!r}")
+    _check_threads(threads)
+    if optimized_model_path is not None and not isinstance(optimized_model_path, str | Path):
+        raise TypeError(f"optimized_model_path must be a path or None, got {type(optimized_model_path).__name__}")
     path = Path(path)
     file_size(path)
     options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = int(threads), 1
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_OPTIMIZATIONS[optimization])
     options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own InvalidGraph/Fail types
-        raise ValueError(f"{str(path)!r} is not a valid ONNX model: {e}") from e
+    saved = contextlib.nullcontext() if optimized_model_path is None else atomic_path(optimized_model_path)
+    with saved as tmp:
+        if tmp is not None:
+            options.optimized_model_filepath = str(tmp)  # not .ort: ORT writes an ONNX file
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own InvalidGraph/Fail types
+            raise ValueError(f"{str(path)!r} is not a valid ONNX model: {e}") from e
     name = session.get_inputs()[0].name
 
     def run(x):
         return torch.from_numpy(session.run(None, {name: x.detach().contiguous().numpy()})[0])
 
-    run.session = session
+    run.session, run.runtime = session, "ONNX Runtime"
+    run.thread_count = lambda: session.get_session_options().intra_op_num_threads
     return run
 
 
-def run_onnx(path, batches, threads=2, optimization="all"):
-    """Run an ONNX model over ``batches`` in ONNX Runtime; concatenated logits (05_deployment)."""
-    run = load_onnx(path, threads=threads, optimization=optimization)
+def run_onnx(path, batches, threads=2, optimization="all", optimized_model_path=None):
+    """Run an ONNX model over ``batches`` in ONNX Runtime; concatenated logits (05_deployment).
+
+    ``optimization`` and ``optimized_model_path`` as in :func:`load_onnx`.
+    """
+    run = load_onnx(path, threads=threads, optimization=optimization, optimized_model_path=optimized_model_path)
     shape = run.session.get_inputs()[0].shape
     fixed = shape[0] if isinstance(shape[0], int) else None
     return _run_batches(run, batches, fixed)

@@ -29,7 +29,9 @@ def int8_tiny():
     exported = torch.export.export(model, (x,), dynamic_shapes=({0: batch},)).module()
     prepared = prepare_pt2e(exported, quantizer)
     prepared(torch.randn(16, 1, 8, 8))  # calibrate
-    return convert_pt2e(prepared)
+    converted = convert_pt2e(prepared)
+    converted.training = False  # no BN/dropout to move; the flag the ONNX exporter reads
+    return converted
 
 
 def test_file_size_and_state_dict(tmp_path):
@@ -248,3 +250,65 @@ def test_format_table_and_plots():
     assert [t.get_text() for t in ax.texts] == ["2.00x"]  # fp32 / int8 above the int8 bar
     assert {t.get_text() for t in ax.get_legend().get_texts()} == {"fp32", "int8", "interquartile range"}
     assert len(deploy.plot_sizes(rows).patches) == 2
+
+
+def _conv_gemm_biases(model):
+    """{op type: how its bias arrives} for the Conv/Gemm/QLinearConv/QGemm nodes of an ONNX graph."""
+    import onnx
+
+    inits = {i.name: onnx.TensorProto.DataType.Name(i.data_type) for i in model.graph.initializer}
+    producer = {out: n for n in model.graph.node for out in n.output}
+    bias_input = {"Conv": 2, "Gemm": 2, "QLinearConv": 8, "QGemm": 6}
+    found = {}
+    for n in model.graph.node:
+        if n.op_type in bias_input:
+            b = n.input[bias_input[n.op_type]]
+            found[n.op_type] = inits[b] if b in inits else f"{producer[b].op_type}({inits[producer[b].input[0]]})"
+    return found
+
+
+def test_onnx_saves_the_graph_each_optimization_level_runs(int8_tiny, tmp_path):
+    """none: the literal QDQ graph (float bias); basic: int32 bias behind DequantizeLinear; all: QLinearConv."""
+    import onnx
+
+    path = tmp_path / "tiny.onnx"
+    deploy.export_onnx(int8_tiny, (torch.randn(2, 1, 8, 8),), path)
+    x = [torch.randn(3, 1, 8, 8)]
+    graphs = {}
+    for level in ("none", "basic", "all"):
+        saved = tmp_path / f"tiny.{level}.onnx"
+        logits = deploy.run_onnx(path, x, optimization=level, optimized_model_path=saved)
+        assert logits.shape == (3, 3)
+        graphs[level] = _conv_gemm_biases(onnx.load(str(saved)))
+    assert graphs["none"] == {"Conv": "FLOAT", "Gemm": "FLOAT"}
+    assert graphs["basic"] == {"Conv": "DequantizeLinear(INT32)", "Gemm": "DequantizeLinear(INT32)"}
+    assert set(graphs["all"]) <= {"QLinearConv", "QGemm"} and "QLinearConv" in graphs["all"]
+    assert "INT32" in graphs["all"]["QLinearConv"]
+    assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary file, moved into place
+    with pytest.raises(TypeError, match="optimized_model_path"):
+        deploy.load_onnx(path, optimized_model_path=3)
+
+
+def test_benchmark_records_the_threads_of_the_runtime_that_ran(int8_tiny, tmp_path):
+    """ExecuTorch's pool and ORT's session threads, not torch's count, for their runners."""
+    import executorch.extension.pybindings.portable_lib as portable
+
+    x = torch.randn(2, 1, 8, 8)
+    deploy.export_executorch(int8_tiny, (x,), tmp_path / "tiny.pte")
+    deploy.export_onnx(int8_tiny, (x,), tmp_path / "tiny.onnx")
+    for threads in (1, 2):
+        et = deploy.load_executorch(tmp_path / "tiny.pte", threads=threads)
+        t = deploy.benchmark(et, x, warmup=1, repeats=2, threads=3 - threads)  # torch: the other count
+        assert (t.runtime, t.threads) == ("ExecuTorch", threads) == ("ExecuTorch", et.thread_count())
+        assert t.threads == portable._threadpool_get_thread_count()
+        ort_run = deploy.load_onnx(tmp_path / "tiny.onnx", threads=threads)
+        t = deploy.benchmark(ort_run, x, warmup=1, repeats=2, threads=3 - threads)
+        assert (t.runtime, t.threads) == ("ONNX Runtime", threads)
+        assert f"{threads} ONNX Runtime threads" in str(t)
+    t = deploy.benchmark(int8_tiny, x, warmup=1, repeats=2, threads=1)
+    assert (t.runtime, t.threads) == ("PyTorch", 1)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="threads must be an int >= 1"):
+            deploy.load_onnx(tmp_path / "tiny.onnx", threads=bad)
+        with pytest.raises(ValueError, match="threads must be an int >= 1"):
+            deploy.load_executorch(tmp_path / "tiny.pte", threads=bad)
