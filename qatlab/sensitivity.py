@@ -602,6 +602,11 @@ def plot_layer_sqnr(tables, ax=None, title="per-layer SQNR"):
     return ax
 
 
+def _nanmax(values):
+    finite = [v for v in values if math.isfinite(v)]
+    return max(finite) if finite else float("nan")
+
+
 def plot_freeze_trace(traces, freeze_step, axes=None):
     """Three panels over training steps (log scales): loss, largest batch/running spread ratio, gradient norm.
 
@@ -616,8 +621,8 @@ def plot_freeze_trace(traces, freeze_step, axes=None):
     for i, (label, tr) in enumerate(traces.items()):
         steps = range(len(tr.loss))
         axes[0].plot(tr.loss, color=f"C{i}", label=label)
-        axes[1].plot([max(v[t] for v in tr.spread_ratio.values()) for t in steps], color=f"C{i}")
-        axes[2].plot([max(v[t] for v in tr.grad_norm.values()) for t in steps], color=f"C{i}")
+        axes[1].plot([_nanmax(v[t] for v in tr.spread_ratio.values()) for t in steps], color=f"C{i}")
+        axes[2].plot([_nanmax(v[t] for v in tr.grad_norm.values()) for t in steps], color=f"C{i}")
     for ax in axes:
         ax.axvline(freeze_step, color="gray", linestyle="--", linewidth=1)
         ax.set_yscale("log")
@@ -662,6 +667,7 @@ def plot_sharpness(curves, limits, ax=None, title="sharpness of the loss and the
     for lr in sorted(limits):
         ax.axhline(limits[lr], color="0.4", linestyle="--", linewidth=1)
         ax.text(right, limits[lr], f" lr {lr:g}", va="center", fontsize=7)
+    ax.set_xticks(sorted({t for pts in curves.values() for t in pts}))
     ax.set_yscale("log")
     ax.set(xlabel="training step", ylabel="largest Hessian eigenvalue (log)", title=title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.12, 1.0), title="dashed: stability limit", title_fontsize=7)
