@@ -72,9 +72,9 @@ class Timing:
     runtime: str = "PyTorch"
 
     def __str__(self):
-        threads = "unknown" if self.threads is None else self.threads
+        threads = ("unknown" if self.threads is None else self.threads, "thread" if self.threads == 1 else "threads")
         return (f"{self.median_ms:.3f} ms (IQR {self.iqr_ms:.3f} ms, {self.repeats} runs, "
-                f"{threads} {self.runtime} threads)")
+                f"{threads[0]} {self.runtime} {threads[1]})")
 
 
 def benchmark(fn, *args, warmup=3, repeats=20, threads=2):

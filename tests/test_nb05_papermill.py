@@ -10,9 +10,10 @@ def test_nb05_deployment_runs_with_other_params(run_notebook):
     assert results["converted_top1_agreement"] >= 99.0
     assert results["et_int8_top1_agreement"] >= 99.5
     # ORT's default optimizer swaps in its own int8 kernels (QLinearConv), whose rounding
-    # differs; parity with PyTorch's arithmetic is the basic-optimization run's.
+    # differs; with optimizations off ORT runs the QDQ graph literally: PyTorch's float bias,
+    # but x / s where PyTorch quantizes with x·(1/s), so logits move by a step, top-1 rarely.
     assert results["ort_int8_top1_agreement"] >= 95.0
-    assert results["ort_int8_basic_top1_agreement"] >= 99.5
+    assert results["ort_int8_literal_top1_agreement"] >= 99.5
     assert results["eager_int8_size_ratio_mobilenet_v2"] <= 0.28
     assert 0.1 < results["eager_int8_speedup_mobilenet_v2"] < 50  # a timing: sane, not a verdict
     assert 0 < results["et_int8_over_fp32_latency"] < 10
