@@ -377,16 +377,20 @@ import os, sys, time
 import torch.distributed as dist
 from qatlab.distributed import init_distributed
 
+def say(line):  # one write per line: two ranks share the log, and print() may write twice
+    os.write(1, (line + "\n").encode())
+
+
 restart, rank = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), int(os.environ["RANK"])
 if restart == 1:
     if rank == 0:  # the failed round's rank-1 gloo address is still in torchrun's store
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
-        print("stale rank-1 address:", store.check(["default_pg/0//cpu//0/1"]), flush=True)
+        say(f"stale rank-1 address: {store.check(['default_pg/0//cpu//0/1'])}")
     else:  # rank 0 joins first: a plain init_process_group would read that stale address
         time.sleep(1.5)
 d = init_distributed("gloo", timeout=60)
 dist.barrier()
-print(f"restart {restart} rank {rank} joined, keys under {d.store_prefix}", flush=True)
+say(f"restart {restart} rank {rank} joined, keys under {d.store_prefix}")
 dist.destroy_process_group()
 if restart == 0 and rank == 1:
     os._exit(9)  # a crash: torchrun restarts both workers
