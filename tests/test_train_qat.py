@@ -378,7 +378,7 @@ import torch.distributed as dist
 from qatlab.distributed import init_distributed
 
 def say(line):  # one write per line: two ranks share the log, and print() may write twice
-    os.write(1, (line + "\n").encode())
+    os.write(1, (line + "\\n").encode())
 
 
 restart, rank = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), int(os.environ["RANK"])
