@@ -371,7 +371,7 @@ def accumulate_linear_fbgemm(x_q, w_q, *, x_zero_point, isa=None):
 # ---------------------------------------------------------------- bias and requantization
 
 
-def quantize_bias(bias, input_scale, weight_scale):
+def quantize_bias(bias, input_scale, weight_scale, divide=False):
     """int32 bias ``round(b / (s_x · s_w))``, computed as ExecuTorch's XNNPACK delegate does.
 
     Taught in 09_integer_kernels. Float32 throughout: ``s = s_w · s_x`` (one
@@ -380,9 +380,20 @@ def quantize_bias(bias, input_scale, weight_scale):
     (per-tensor: ``quantize_per_tensor``) with those scales and zero-point 0.
     In Jacob et al.'s scheme this integer is added to the int32 accumulator.
 
+    ``divide=True`` computes ``round(b / s)`` instead, as the ONNX
+    ``QuantizeLinear`` specification reads and as ONNX Runtime's
+    ``BiasQuantization`` pass does (``Div``, ``Round``, ``Cast``). ``b · (1/s)``
+    rounds twice, ``b / s`` once, so the two disagree by one step on the rare
+    bias whose ``b / s`` lies within a rounding error of a half-integer.
+
     >>> quantize_bias(torch.tensor([0.5, -0.25]), 0.1, torch.tensor([0.02, 0.05]))
     tensor([250, -50], dtype=torch.int32)
+    >>> b, s = torch.tensor([0.4353451728820801]), torch.tensor([0.00017852989549282938])
+    >>> quantize_bias(b, 1.0, s), quantize_bias(b, 1.0, s, divide=True)  # b / s = 2438.50013
+    (tensor([2438], dtype=torch.int32), tensor([2439], dtype=torch.int32))
     """
+    if not isinstance(divide, bool):
+        raise TypeError(f"divide must be True or False, got {divide!r}")
     bias = _check_bias(bias)
     s_x = _check_scale(input_scale, "input_scale")
     if s_x.numel() != 1:
@@ -393,7 +404,11 @@ def quantize_bias(bias, input_scale, weight_scale):
         scale = s_w * float(s_x)
     else:                                           # per tensor: two Python floats
         scale = float(_check_scale(weight_scale, "weight_scale")) * float(s_x)
-    q = torch.round(bias * (1.0 / scale))
+    if divide:
+        scale = torch.as_tensor(scale, dtype=_F32)  # a float32 Div, as ORT's graph computes it
+        q = torch.round(bias / scale)
+    else:
+        q = torch.round(bias * (1.0 / scale))
     return q.clamp(_INT32_MIN, _INT32_MAX).to(torch.int32)
 
 

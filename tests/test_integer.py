@@ -433,3 +433,58 @@ def test_xnnpack_layers_bit_exact_against_executorch(executorch_program):
         # the delegate returns (q − z)·s in float32; recover q exactly
         q_et = torch.round(out / torch.tensor(layer["output_scale"])) + layer["output_zero_point"]
         assert torch.equal(h.long(), q_et.long().reshape(h.shape)), (layer["name"], I.step_differences(h, q_et))
+
+
+def test_quantize_bias_divide_equals_onnx_runtime_where_the_two_roundings_disagree(tmp_path):
+    """ORT quantizes a QDQ graph's float bias as round(b / (s_x s_w)); ExecuTorch multiplies by 1/s."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from onnx import numpy_helper
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from qatlab import deploy
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU()).eval(), torch.randn(2, 1, 6, 6)
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(torch.export.export(model, (x,)).module(), quantizer)
+    prepared(x)
+    layer, = I.pt2e_layers(converted := convert_pt2e(prepared))
+    path = tmp_path / "conv.onnx"
+    deploy.export_onnx(converted, (x,), path)
+
+    # per channel, a bias whose b / s sits just above a half-integer: b * (1/s) lands on the other side
+    s = layer["weight_scale"] * float(layer["input_scale"])
+    g, bias = torch.Generator().manual_seed(0), torch.empty(8)
+    for c in range(8):
+        while True:
+            b = (torch.rand(1, generator=g) - 0.5) * 2000 * s[c]
+            if torch.round(b * (1.0 / s[c])) != torch.round(b / s[c]):
+                bias[c] = b
+                break
+    graph = onnx.load(path)
+    init, = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and list(i.dims) == [8]
+             and numpy_helper.to_array(i).tolist() == pytest.approx(layer["bias"].tolist())]
+    init.CopyFrom(numpy_helper.from_array(bias.numpy(), init.name))
+    onnx.save(graph, path)
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "conv.basic.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ort_bias, = [torch.from_numpy(numpy_helper.to_array(i).copy())
+                 for i in onnx.load(options.optimized_model_filepath).graph.initializer
+                 if i.data_type == onnx.TensorProto.INT32 and list(i.dims) == [8]]
+    divided = I.quantize_bias(bias, layer["input_scale"], layer["weight_scale"], divide=True)
+    multiplied = I.quantize_bias(bias, layer["input_scale"], layer["weight_scale"])
+    assert torch.equal(ort_bias, divided)
+    assert (ort_bias - multiplied).abs().tolist() == [1] * 8
+
+
+def test_quantize_bias_rejects_a_non_bool_divide():
+    with pytest.raises(TypeError, match="divide must be True or False, got 'yes'"):
+        I.quantize_bias(torch.ones(2), 0.1, 0.1, divide="yes")
