@@ -192,3 +192,28 @@ def test_choose_observer_rejects_a_value_instead_of_the_function(cases):
         check_choose_observer("percentile", cases)
     with pytest.raises(ValueError, match="non-empty dict"):
         check_choose_observer(rule_right, {})
+
+
+@pytest.mark.parametrize("sqnrs, rule, passes", [
+    # a clean layer where Histogram's search edges MinMax out on the held-out batch: MinMax still passes
+    ({"minmax": 39.3, "histogram": 40.6, "percentile": 36.0}, rule_right, True),
+    # ... but not when MinMax is far behind (what an outlier does to it)
+    ({"minmax": 30.0, "histogram": 40.6, "percentile": 40.0}, lambda x: "minmax", False),
+    # the other observers get the strict tolerance
+    ({"minmax": 40.6, "histogram": 40.2, "percentile": 36.0}, lambda x: "histogram", True),
+    ({"minmax": 40.6, "histogram": 39.3, "percentile": 36.0}, lambda x: "histogram", False),
+    ({"minmax": 40.6, "histogram": 39.3, "percentile": 39.0}, lambda x: "percentile", False),
+])
+def test_choose_observer_tolerances(monkeypatch, cases, sqnrs, rule, passes):
+    monkeypatch.setattr(ex02, "reference_sqnrs", lambda x_calib, x_eval, names=None: dict(sqnrs))
+    clean = {"clean": cases["clean"]}
+    if passes:
+        assert check_choose_observer(rule, clean)
+    else:
+        with pytest.raises(ExerciseError, match=r"on clean: you chose"):
+            check_choose_observer(rule, clean)
+
+
+def test_choose_observer_rejects_bad_tolerances(cases):
+    with pytest.raises(ValueError, match="tol_db=3.0, minmax_tol_db=2.0"):
+        check_choose_observer(rule_right, cases, tol_db=3.0)
