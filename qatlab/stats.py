@@ -123,7 +123,7 @@ class Comparison:
                    "B beats A" if -self.diff > 2 * self.se else "no difference beyond 2 SE")
         return (f"{self.mean_a:.2f} vs {self.mean_b:.2f}: difference {self.diff:+.2f} pp, "
                 f"SE {self.se:.2f} pp ({self.n_a} vs {self.n_b} seeds), "
-                f"|diff| / SE = {abs(self.z):.1f} -> {verdict}")
+                f"|diff| / SE = {abs(self.z):.2f} -> {verdict}")
 
 
 def compare_runs(acc_a, acc_b, min_se=0.0):

@@ -149,11 +149,31 @@ def test_no_text_about_how_the_project_was_made(path):
 # --- executed notebooks: printed verdicts agree with printed numbers ---------------------
 
 _NUM = r"(-?\d+(?:\.\d+)?(?:e-?\d+)?)"
+
+
+def _side(printed, bar):
+    """Is the printed number above ``bar``? ``None`` when its rounding straddles the bar.
+
+    A value printed as ``2.0`` may be 1.96 or 2.04: either verdict agrees with it.
+    """
+    value = float(printed)
+    if "e" not in printed.lower():
+        digits = len(printed.split(".")[1]) if "." in printed else 0
+        if abs(value - bar) <= 0.5 * 10 ** -digits:
+            return None
+    return value > bar
+
+
+def _agrees(printed, bar, says_above):
+    side = _side(printed, bar)
+    return side is None or side == says_above
+
+
 #: (what, pattern, check(match) -> error text or None)
 VERDICTS = [
     ("p-value vs verdict",
      re.compile(rf"\bp = {_NUM}\s*->\s*(a real difference|within noise)"),
-     lambda m: None if (float(m[1]) < 0.05) == (m[2] == "a real difference") else
+     lambda m: None if _agrees(m[1], 0.05, m[2] == "within noise") else
      f"p = {m[1]} but the verdict says {m[2]!r} (the bar is p < 0.05)"),
     ("ratio vs faster/slower",
      re.compile(rf"\b{_NUM}\s*(?:×|x)\s+(faster|slower)\b"),
@@ -161,11 +181,11 @@ VERDICTS = [
      f"{m[1]}x {m[2]}: a ratio below 1 means the opposite verdict"),
     ("distance in SE vs within/beyond",
      re.compile(rf"= {_NUM} SE\b[^\n]*?->\s*(within|beyond) 2 SE"),
-     lambda m: None if (float(m[1]) <= 2) == (m[2] == "within") else
+     lambda m: None if _agrees(m[1], 2, m[2] == "beyond") else
      f"{m[1]} SE but the verdict says {m[2]!r} 2 SE"),
     ("|diff| / SE vs verdict",
      re.compile(rf"\|diff\| / SE = {_NUM} -> (A beats B|B beats A|no difference beyond 2 SE)"),
-     lambda m: None if (float(m[1]) > 2) == (m[2] != "no difference beyond 2 SE") else
+     lambda m: None if _agrees(m[1], 2, m[2] != "no difference beyond 2 SE") else
      f"|diff|/SE = {m[1]} but the verdict says {m[2]!r}"),
     ("gains/loses vs sign",
      re.compile(rf"\b(better|worse) by {_NUM} dB"),
@@ -210,11 +230,15 @@ def executed_notebooks(extra_dirs=()):
 
 def test_every_verdict_pattern_catches_its_contradiction():
     bad = ["p = 0.2 -> a real difference", "0.5x slower", "= 2.6 SE of one accuracy -> within 2 SE",
-           "|diff| / SE = 1.1 -> A beats B", "worse by -1.0 dB"]
+           "|diff| / SE = 1.1 -> A beats B", "worse by -1.0 dB", "|diff| / SE = 2.01 -> no difference beyond 2 SE",
+           "|diff| / SE = 1.94 -> A beats B", "p = 0.051 -> a real difference"]
     for text in bad:
         assert verdict_contradictions(text), text
     good = ["p = 0.01 -> a real difference", "1.8x slower", "= 1.2 SE of one accuracy -> within 2 SE",
-            "|diff| / SE = 3.0 -> A beats B", "worse by 2.3 dB"]
+            "|diff| / SE = 3.0 -> A beats B", "worse by 2.3 dB",
+            # printed values whose rounding straddles the bar: either verdict can be right
+            "|diff| / SE = 2.0 -> B beats A", "|diff| / SE = 2.0 -> no difference beyond 2 SE",
+            "= 2.0 SE of one accuracy -> beyond 2 SE", "p = 0.05 -> a real difference"]
     assert not [t for t in good if verdict_contradictions(t)]
 
 
