@@ -15,7 +15,7 @@ def test_nb06_runs_with_seed_1_cheaply(run_notebook):
     for key in ("fp32_finetuned_acc", "fragile_fp32_finetuned_acc", "w8_qat_acc"):
         assert 93.0 < r[key] <= 100.0, (key, r[key])
     # 2-bit weights hurt PTQ. Whether 24 QAT steps win it back depends on the machine's baseline
-    # (it did not on one CI machine: 83.1 vs PTQ 91.1); the default run's goals say whether QAT pays
+    # (with one baseline it did not: 83.1 vs PTQ 91.1); the default run's goals say whether QAT pays
     # off. Here: the recovered fraction is a fraction of this drop, and QAT does not beat fp32 by half of it
     assert r["w2_ptq_drop_pp"] > 2.0
     assert math.isfinite(r["w2_qat_recovered"]) and r["w2_qat_recovered"] < 1.5
