@@ -29,8 +29,11 @@ def execute(notebook, out_dir, parameters):
 
     out = out_dir / notebook.name
     start = time.time()
+    # the kernel's own log stays quiet (it warns at every start that its local TCP traffic is
+    # unencrypted); errors in cells still reach the notebook and fail the run
     pm.execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(notebook.parent),
-                        kernel_name="python3", progress_bar=False, log_output=False)
+                        kernel_name="python3", progress_bar=False, log_output=False,
+                        extra_arguments=["--IPKernelApp.log_level=ERROR"])
     return out, time.time() - start
 
 
