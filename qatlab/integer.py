@@ -382,7 +382,8 @@ def quantize_bias(bias, input_scale, weight_scale, divide=False):
 
     ``divide=True`` computes ``round(b / s)`` instead, as the ONNX
     ``QuantizeLinear`` specification reads and as ONNX Runtime's
-    ``BiasQuantization`` pass does (``Div``, ``Round``, ``Cast``). ``b · (1/s)``
+    ``WeightBiasQuantization`` pass does (``Div``, ``Round``, ``Cast``; tested
+    against onnxruntime). ``b · (1/s)``
     rounds twice, ``b / s`` once, so the two disagree by one step on the rare
     bias whose ``b / s`` lies within a rounding error of a half-integer.
 
