@@ -1,4 +1,35 @@
-"""``python -m qatlab.train_qat``: the package's QAT recipe on one process or many (torchrun + DDP).
+"""``python -m qatlab.train_qat``: the course's QAT recipe on your model and data, on one process or many.
+
+Command-line flags (``--help`` prints the same list with defaults)::
+
+    what to train
+      --model NAME | MODULE:CALLABLE   smallcnn or tinymobilenet (a course baseline), or your model:
+                                       MODULE is an importable module name or a path to a .py file,
+                                       CALLABLE returns an nn.Module (e.g. my_model.py:resnet20)
+      --data MODULE:CALLABLE           your data (needed with --model MODULE:CALLABLE): CALLABLE
+                                       returns (train_dataset, test_dataset) of (input, label) pairs;
+                                       the export's input shape is read from the first input
+      --dataset NAME                   the course dataset of a built-in model (default mnist5k)
+      --init FILE.pt                   fp32 weights for your model: a state dict (or {"state_dict": ...}),
+                                       loaded with weights_only=True; without it, the callable's weights
+      --api auto|pt2e|eager            auto (default): pt2e for your model, eager for a built-in one
+    the recipe (qatlab.recipe.QATRecipe; defaults from the course's measurements)
+      --steps N  --global-batch-size N  --lr LR  --momentum M
+      --freeze-bn-at STEP|never        --freeze-observers-at STEP|never
+      --bn-freeze-lr-factor F          learning rate x F from the BN freeze on (1 = no drop)
+      --weight-bits B  --activation-bits B   (eager only; pt2e uses XNNPACK's 8-bit config)
+      --seed S  --augment-shift PIXELS
+    where and how
+      --device auto|cpu|cuda           --amp (bfloat16 autocast, CUDA only)  --threads N
+      --backend auto|gloo|nccl  --timeout SECONDS  --no-forward-sync-buffers  --sync-bn
+    outputs
+      --out DIR  --checkpoint-every STEPS  --resume  --log-every N  --no-progress
+      --calib-batches N                PTQ calibration batches for the PTQ comparison row
+      --no-pte                         skip the ExecuTorch .pte (pt2e)
+      --scaling-rounds N  --scaling-steps STEPS
+
+From Python (a notebook): ``metrics = qatlab.train_qat.main([...same flags...])`` returns the
+metrics dict that ``DIR/metrics.json`` holds (``None`` on ranks other than 0).
 
 Taught in 08_qat_at_scale. The same command runs alone or under ``torchrun``::
 
