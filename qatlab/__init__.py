@@ -20,6 +20,7 @@ Where each name is taught:
 """
 
 from importlib import import_module
+from importlib.util import find_spec
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,10 @@ _EXPORTS = {
     "accuracy_se": "stats",
     "mcnemar": "stats",
     "compare_runs": "stats",
+    "welch_t": "stats",
+    "paired_t": "stats",
+    "tost": "stats",
+    "recovered_fraction_ci": "stats",
     # quiet logs (every notebook's setup cell)
     "silence_noise": "noise",
     # paths
@@ -61,16 +66,17 @@ _EXPORTS = {
     "fold_bn": "fusion",
 }
 
-# submodules reachable as qatlab.<name> without importing them first
-_SUBMODULES = {"baseline", "data", "deploy", "distributed", "exercises", "files", "fusion", "groupwise", "integer",
-               "models", "noise", "observers", "qat", "quant", "results", "runner", "sensitivity", "site", "stats",
-               "student", "train_qat", "training"}
+
+def _is_submodule(name):
+    """Every module of the package is reachable as ``qatlab.<name>`` without importing it first."""
+    return name.isidentifier() and not name.startswith("_") and find_spec(f"{__name__}.{name}") is not None
+
 
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    if name in _SUBMODULES:
+    if name not in _EXPORTS and _is_submodule(name):
         return import_module(f".{name}", __name__)
     if name in _EXPORTS:
         value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -13,10 +13,25 @@ Three tools, from the simplest:
   the exact two-sided p-value is ``2 * P(X <= min(b, c))`` (capped at 1).
   (McNemar, Psychometrika 1947; the exact binomial form as in Dietterich,
   Neural Computation 1998.)
-- :func:`compare_runs`: accuracies of A and B over several seeds. The difference
-  of means and its standard error ``sqrt(s_a**2 / n_a + s_b**2 / n_b)`` (sample
-  standard deviations over seeds); "A beats B" is claimed only when the difference
-  is larger than twice that standard error.
+- :func:`compare_runs` / :func:`welch_t`: accuracies of A and B over several seeds.
+  The difference of means, its standard error ``sqrt(s_a**2 / n_a + s_b**2 / n_b)``
+  (sample standard deviations over seeds) and Welch's t test with the
+  Welch-Satterthwaite degrees of freedom. With 3 seeds a side ``df`` can be as low
+  as 2, where ``|t| > 2`` happens by chance 18 % of the time: a fixed "2 SE" rule
+  is too weak, so "A beats B" needs ``p < 0.05`` from the t distribution with the
+  right ``df`` (Welch, Biometrika 1947).
+- :func:`paired_t`: the same seeds (or images) on both sides: the t test on the
+  per-seed differences, ``df = n - 1``.
+- :func:`tost`: failing to find a difference is not evidence of none. Two one-sided
+  tests (Schuirmann 1987) call A and B *equivalent within ±margin* when the
+  ``1 - 2 alpha`` confidence interval of the difference lies inside ``±margin``.
+- :func:`recovered_fraction_ci`: the fraction of PTQ's accuracy drop that QAT wins
+  back, ``(qat - ptq) / (fp32 - ptq)``, with a two-level bootstrap interval that
+  covers both sources of noise: which seeds were run, and which test images were
+  drawn (Davison & Hinkley 1997, ch. 3.8 on hierarchical data).
+- :func:`min_sign_test_p`: the smallest p-value ``n`` seeds can give at all in a
+  sign test, ``2 * 0.5**n`` (0.25 for 3 seeds): how many seeds a "wins on every
+  seed" claim can rest on.
 """
 
 import math
@@ -97,9 +112,280 @@ def mcnemar(correct_a, correct_b):
     return McNemar(only_a, only_b, min(1.0, 2 * tail))
 
 
+def _t_sf(t, df):
+    """``P(T > t)`` for Student's t with ``df`` degrees of freedom (``df = inf``: normal)."""
+    from scipy.stats import t as student_t
+
+    return float(student_t.sf(t, df))
+
+
+def _t_quantile(q, df):
+    from scipy.stats import t as student_t
+
+    return float(student_t.ppf(q, df))
+
+
+def _as_runs(values, name, at_least=2):
+    if isinstance(values, str | bytes) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a list of per-seed numbers, got {values!r}")
+    v = [float(x) for x in values]
+    if len(v) < at_least:
+        raise ValueError(f"need at least {at_least} runs in {name} to estimate a spread, got {len(v)}")
+    if not all(math.isfinite(x) for x in v):
+        raise ValueError(f"{name} must hold finite numbers, got {v}")
+    return v
+
+
+def _mean_var(v):
+    m = sum(v) / len(v)
+    return m, sum((x - m) ** 2 for x in v) / (len(v) - 1)
+
+
+@dataclass(frozen=True)
+class TTest:
+    """Result of :func:`welch_t` / :func:`paired_t`: difference ``a - b``, its standard error,
+    degrees of freedom, t statistic, two-sided p-value and the ``1 - alpha`` confidence interval."""
+
+    diff: float
+    se: float
+    df: float
+    t: float
+    p_value: float
+    ci_low: float
+    ci_high: float
+    alpha: float = 0.05
+
+    @property
+    def significant(self):
+        """``p_value < alpha``."""
+        return self.p_value < self.alpha
+
+    @property
+    def a_beats_b(self):
+        return self.significant and self.diff > 0
+
+    @property
+    def b_beats_a(self):
+        return self.significant and self.diff < 0
+
+    def verdict(self, a="A", b="B"):
+        """``"A beats B"``, ``"B beats A"`` or ``"no difference detected"`` (never "ties":
+        use :func:`tost` for that)."""
+        return (f"{a} beats {b}" if self.a_beats_b else f"{b} beats {a}" if self.b_beats_a
+                else "no difference detected")
+
+    def __str__(self):
+        level = round(100 * (1 - self.alpha))
+        return (f"difference {self.diff:+.2f} pp, SE {self.se:.2f} pp, t = {self.t:.2f} "
+                f"(df {self.df:.1f}), p = {self.p_value:.3g}, {level} % CI "
+                f"[{self.ci_low:+.2f}, {self.ci_high:+.2f}] -> {self.verdict()}")
+
+
+def _t_result(diff, se, df, alpha):
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    if se > 0:
+        t = diff / se
+        p = min(1.0, 2 * _t_sf(abs(t), df))
+        half = _t_quantile(1 - alpha / 2, df) * se
+    else:  # no spread at all: any difference is exact, none is no evidence
+        t = math.copysign(math.inf, diff) if diff else 0.0
+        p, half = (0.0 if diff else 1.0), 0.0
+    return TTest(diff, se, df, t, p, diff - half, diff + half, alpha)
+
+
+def welch_t(acc_a, acc_b, alpha=0.05, min_se=0.0):
+    """Welch's two-sample t test of the mean of ``acc_a`` against ``acc_b`` (runs need not pair).
+
+    ``se = sqrt(s_a**2/n_a + s_b**2/n_b)`` (floored at ``min_se``) and Welch-Satterthwaite
+    ``df = se**4 / ((s_a**2/n_a)**2/(n_a-1) + (s_b**2/n_b)**2/(n_b-1))``.
+
+    >>> r = welch_t([95.9, 94.8, 96.2], [86.0, 92.0, 80.1])  # 3 vs 3 seeds, unequal spread
+    >>> round(r.diff, 2), round(r.df, 1), round(r.p_value, 3), r.verdict()
+    (9.6, 2.1, 0.106, 'no difference detected')
+    """
+    a, b = _as_runs(acc_a, "acc_a"), _as_runs(acc_b, "acc_b")
+    (ma, va), (mb, vb) = _mean_var(a), _mean_var(b)
+    ua, ub = va / len(a), vb / len(b)
+    se = math.sqrt(ua + ub)
+    if se > 0:
+        df = (ua + ub) ** 2 / (ua ** 2 / (len(a) - 1) + ub ** 2 / (len(b) - 1))
+    else:
+        df = float(len(a) + len(b) - 2)
+    return _t_result(ma - mb, max(se, float(min_se)), df, alpha)
+
+
+def paired_t(acc_a, acc_b, alpha=0.05):
+    """Paired t test: ``a[i]`` and ``b[i]`` share seed ``i`` (same data order, same images).
+
+    ``d = a - b``, ``se = s_d / sqrt(n)``, ``df = n - 1``.
+
+    >>> r = paired_t([95.6, 94.9, 96.4], [86.0, 85.1, 87.0])
+    >>> round(r.diff, 2), r.df, round(r.p_value, 5), r.verdict("QAT", "PTQ")
+    (9.6, 2.0, 0.00014, 'QAT beats PTQ')
+    """
+    a, b = _as_runs(acc_a, "acc_a"), _as_runs(acc_b, "acc_b")
+    if len(a) != len(b):
+        raise ValueError(f"paired runs need the same number of seeds, got {len(a)} and {len(b)}")
+    md, vd = _mean_var([x - y for x, y in zip(a, b)])
+    return _t_result(md, math.sqrt(vd / len(a)), float(len(a) - 1), alpha)
+
+
+@dataclass(frozen=True)
+class Equivalence:
+    """Result of :func:`tost`: the difference, its ``1 - 2 alpha`` interval, the margin, the
+    TOST p-value (the larger of the two one-sided p-values) and the verdict."""
+
+    diff: float
+    ci_low: float
+    ci_high: float
+    margin: float
+    p_value: float
+    alpha: float = 0.05
+
+    @property
+    def equivalent(self):
+        return self.p_value < self.alpha
+
+    def __str__(self):
+        level = round(100 * (1 - 2 * self.alpha))
+        verdict = (f"equivalent within ±{self.margin:g} pp" if self.equivalent else
+                   f"equivalence within ±{self.margin:g} pp not shown")
+        return (f"difference {self.diff:+.2f} pp, {level} % CI [{self.ci_low:+.2f}, "
+                f"{self.ci_high:+.2f}], TOST p = {self.p_value:.3g} -> {verdict}")
+
+
+def tost(acc_a, acc_b, margin, paired=True, alpha=0.05):
+    """Two one-sided t tests of ``|mean(a - b)| < margin`` (Schuirmann 1987).
+
+    ``p = max(P(T > (d + margin) / se), P(T < (d - margin) / se))``; equivalent when
+    ``p < alpha``, which is the same as the ``1 - 2 alpha`` interval lying inside ``±margin``.
+
+    >>> r = tost([97.1, 97.3, 97.2], [97.0, 97.3, 97.1], margin=0.5)
+    >>> r.equivalent, round(r.p_value, 4)
+    (True, 0.0029)
+    >>> tost([97.1, 97.3, 97.2], [97.0, 97.3, 97.1], margin=0.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: margin must be a positive number of percentage points, got 0.0
+    """
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not margin > 0 \
+            or not math.isfinite(margin):
+        raise ValueError(f"margin must be a positive number of percentage points, got {margin!r}")
+    r = paired_t(acc_a, acc_b, alpha) if paired else welch_t(acc_a, acc_b, alpha)
+    if r.se > 0:
+        p = max(_t_sf((r.diff + margin) / r.se, r.df), 1 - _t_sf((r.diff - margin) / r.se, r.df))
+        half = _t_quantile(1 - alpha, r.df) * r.se
+    else:
+        p, half = (0.0 if abs(r.diff) < margin else 1.0), 0.0
+    return Equivalence(r.diff, r.diff - half, r.diff + half, float(margin), p, alpha)
+
+
+def min_sign_test_p(n):
+    """The smallest two-sided p-value a sign test over ``n`` seeds can reach: ``2 * 0.5**n``.
+
+    >>> min_sign_test_p(3), min_sign_test_p(6)
+    (0.25, 0.03125)
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int (seeds), got {n!r}")
+    return min(1.0, 2 * 0.5 ** n)
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """Result of :func:`recovered_fraction_ci`: the point estimate and its bootstrap interval."""
+
+    estimate: float
+    ci_low: float
+    ci_high: float
+    level: float
+    n_boot: int
+    undefined: int  # bootstrap replicates where PTQ lost nothing (fraction undefined, dropped)
+
+    def meets(self, goal):
+        """Judged on the lower confidence bound: ``ci_low >= goal``."""
+        return self.ci_low >= goal
+
+    def __str__(self):
+        return (f"recovered {self.estimate:.2f} ({round(100 * self.level)} % CI "
+                f"[{self.ci_low:.2f}, {self.ci_high:.2f}], bootstrap over seeds and images)")
+
+
+def _as_seed_matrix(x, name):
+    import torch
+
+    runs = [x] if (hasattr(x, "dim") and x.dim() == 1) or (
+        isinstance(x, list | tuple) and x and isinstance(x[0], bool | int | float)) else list(x)
+    if not runs:
+        raise ValueError(f"{name} must hold at least one seed's per-image correctness")
+    rows = [_as_bools(r, name) for r in runs]
+    if len({r.numel() for r in rows}) != 1:
+        raise ValueError(f"every seed of {name} must score the same images, got sizes "
+                         f"{[r.numel() for r in rows]}")
+    return torch.stack(rows).float()
+
+
+def recovered_fraction_ci(fp32, ptq, qat, n_boot=2000, seed=0, level=0.95):
+    """``(qat - ptq) / (fp32 - ptq)`` with a two-level bootstrap interval over seeds and images.
+
+    Each argument is a list over seeds of per-image correctness vectors on the **same** test
+    images (a single vector is one seed). One bootstrap replicate draws, for each arm, its seeds
+    with replacement, and one set of images with replacement shared by all three arms (the arms
+    are paired on images); the accuracy of an arm is the mean over its drawn seeds and images.
+    The interval is the percentile interval of the replicates; replicates where PTQ lost nothing
+    (``fp32 <= ptq``) have no fraction and are dropped (counted in ``undefined``).
+
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> fp32 = torch.rand(1000, generator=g) < 0.98
+    >>> ptq = [torch.rand(1000, generator=g) < 0.80 for _ in range(3)]
+    >>> qat = [torch.rand(1000, generator=g) < 0.96 for _ in range(3)]
+    >>> r = recovered_fraction_ci(fp32, ptq, qat)
+    >>> 0.8 < r.estimate < 1.0 and r.ci_low < r.estimate < r.ci_high
+    True
+    """
+    import torch
+
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 100:
+        raise ValueError(f"n_boot must be an int >= 100, got {n_boot!r}")
+    arms = [_as_seed_matrix(x, name) for x, name in ((fp32, "fp32"), (ptq, "ptq"), (qat, "qat"))]
+    n_img = arms[0].shape[1]
+    if any(a.shape[1] != n_img for a in arms):
+        raise ValueError(f"fp32, ptq and qat must score the same images, got "
+                         f"{[a.shape[1] for a in arms]}")
+    acc = [a.mean().item() for a in arms]
+    if not acc[0] > acc[1]:
+        raise ValueError(f"PTQ loses nothing (fp32 {100 * acc[0]:.2f} %, PTQ {100 * acc[1]:.2f} %): "
+                         f"there is no drop to recover")
+    estimate = (acc[2] - acc[1]) / (acc[0] - acc[1])
+    g = torch.Generator().manual_seed(seed)
+    boot = []
+    for start in range(0, n_boot, 250):  # chunks bound the memory: seeds x chunk x images
+        b = min(250, n_boot - start)
+        images = torch.randint(0, n_img, (b, n_img), generator=g)
+        means = []
+        for a in arms:
+            per_seed = a[:, images].mean(dim=2)  # seeds x b
+            pick = torch.randint(0, a.shape[0], (b, a.shape[0]), generator=g)
+            means.append(per_seed.gather(0, pick.T).mean(dim=0))
+        boot.append((means[2] - means[1]) / (means[0] - means[1]).where(means[0] > means[1],
+                                                                          torch.tensor(float("nan"))))
+    boot = torch.cat(boot)
+    ok = boot[~boot.isnan()]
+    if ok.numel() < n_boot // 2:
+        raise ValueError(f"PTQ's drop is within noise: in {n_boot - ok.numel()} of {n_boot} bootstrap "
+                         f"replicates PTQ lost nothing, so the recovered fraction is undefined")
+    q = torch.quantile(ok.double(), torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return Recovered(estimate, q[0].item(), q[1].item(), level, n_boot, n_boot - ok.numel())
+
+
 @dataclass(frozen=True)
 class Comparison:
-    """Result of :func:`compare_runs`: means, difference ``a - b``, its standard error, seeds."""
+    """Result of :func:`compare_runs`: means, difference ``a - b``, its standard error, seeds,
+    and Welch's t test (``df``, ``p_value``)."""
 
     mean_a: float
     mean_b: float
@@ -107,11 +393,17 @@ class Comparison:
     se: float
     n_a: int
     n_b: int
+    df: float = math.inf
+    p_value: float = 1.0
 
     @property
     def a_beats_b(self):
-        """``diff > 2 * se``: A is better by more than twice the standard error."""
-        return self.diff > 2 * self.se
+        """Welch's ``p_value < 0.05`` and ``diff > 0``."""
+        return self.p_value < 0.05 and self.diff > 0
+
+    @property
+    def b_beats_a(self):
+        return self.p_value < 0.05 and self.diff < 0
 
     @property
     def z(self):
@@ -119,15 +411,16 @@ class Comparison:
             if self.diff else 0.0
 
     def __str__(self):
-        verdict = ("A beats B" if self.a_beats_b else
-                   "B beats A" if -self.diff > 2 * self.se else "no difference beyond 2 SE")
+        verdict = ("A beats B" if self.a_beats_b else "B beats A" if self.b_beats_a
+                   else "no difference detected")
         return (f"{self.mean_a:.2f} vs {self.mean_b:.2f}: difference {self.diff:+.2f} pp, "
                 f"SE {self.se:.2f} pp ({self.n_a} vs {self.n_b} seeds), "
-                f"|diff| / SE = {abs(self.z):.2f} -> {verdict}")
+                f"Welch t = {self.z:.2f} (df {self.df:.1f}), p = {self.p_value:.3g} -> {verdict}")
 
 
 def compare_runs(acc_a, acc_b, min_se=0.0):
-    """Compare accuracies of A and B over seeds: difference of means and its standard error.
+    """Compare accuracies of A and B over seeds: difference of means, its standard error, and
+    Welch's t test with the right degrees of freedom (see :func:`welch_t`).
 
     ``se = sqrt(s_a**2 / n_a + s_b**2 / n_b)`` with sample standard deviations
     (``ddof=1``), floored at ``min_se`` (pass e.g. ``accuracy_se(acc, n) / sqrt(seeds)``
@@ -135,24 +428,17 @@ def compare_runs(acc_a, acc_b, min_se=0.0):
     Needs at least 2 seeds on each side.
 
     >>> c = compare_runs([96.0, 95.5, 96.1], [85.0, 88.7, 78.5])
-    >>> round(c.diff, 2), round(c.se, 2), c.a_beats_b
-    (11.8, 2.99, True)
+    >>> round(c.diff, 2), round(c.se, 2), round(c.df, 1), round(c.p_value, 3), c.a_beats_b
+    (11.8, 2.99, 2.0, 0.058, False)
     >>> compare_runs([96.0], [85.0])
     Traceback (most recent call last):
     ...
-    ValueError: need at least 2 runs on each side to estimate a spread, got 1 and 1
+    ValueError: need at least 2 runs in acc_a to estimate a spread, got 1
     """
-    a, b = [float(v) for v in acc_a], [float(v) for v in acc_b]
-    if len(a) < 2 or len(b) < 2:
-        raise ValueError(f"need at least 2 runs on each side to estimate a spread, "
-                         f"got {len(a)} and {len(b)}")
-    if not all(math.isfinite(v) for v in a + b):
-        raise ValueError(f"accuracies must be finite numbers, got {a} and {b}")
-    ma, mb = sum(a) / len(a), sum(b) / len(b)
-    va = sum((v - ma) ** 2 for v in a) / (len(a) - 1)
-    vb = sum((v - mb) ** 2 for v in b) / (len(b) - 1)
-    se = max(math.sqrt(va / len(a) + vb / len(b)), float(min_se))
-    return Comparison(ma, mb, ma - mb, se, len(a), len(b))
+    r = welch_t(acc_a, acc_b, min_se=min_se)
+    a, b = list(acc_a), list(acc_b)
+    return Comparison(sum(map(float, a)) / len(a), sum(map(float, b)) / len(b), r.diff, r.se,
+                      len(a), len(b), r.df, r.p_value)
 
 
 def mean_std(values):

@@ -36,10 +36,108 @@ def test_accuracy_se_and_compare_runs():
     with pytest.raises(ValueError, match="n must be a positive int"):
         accuracy_se(90, 0)
     c = compare_runs([97.0, 97.0, 97.0], [96.9, 96.9, 96.9])
-    assert c.se < 1e-9 and c.a_beats_b  # zero spread: any difference "beats" ...
+    assert c.se < 1e-9 and c.a_beats_b  # zero spread: any difference is exact ...
     c = compare_runs([97.0, 97.0, 97.0], [96.9, 96.9, 96.9], min_se=accuracy_se(97, 1000) / 3 ** 0.5)
     assert not c.a_beats_b  # ... unless the test-set noise floors the standard error
-    assert "no difference beyond 2 SE" in str(c)
+    assert "no difference detected" in str(c)
     assert mean_std([2.0]) == (2.0, 0.0)
     with pytest.raises(ValueError, match="finite"):
         compare_runs([1.0, float("nan")], [1.0, 2.0])
+
+
+# --- t tests with the right degrees of freedom, TOST, the recovered fraction's interval ---
+
+from scipy import stats as scipy_stats  # noqa: E402
+
+from qatlab.stats import (  # noqa: E402
+    min_sign_test_p,
+    paired_t,
+    recovered_fraction_ci,
+    tost,
+    welch_t,
+)
+
+RUNS = [([95.9, 94.8, 96.2], [86.0, 92.0, 80.1]), ([97.0, 97.2], [96.1, 96.9]),
+        ([90.0, 91.0, 89.5, 92.0], [88.0, 91.5, 90.0, 87.0])]
+
+
+@pytest.mark.parametrize("a, b", RUNS)
+def test_welch_t_is_scipys(a, b):
+    ref = scipy_stats.ttest_ind(a, b, equal_var=False)
+    r = welch_t(a, b)
+    assert r.p_value == pytest.approx(ref.pvalue, rel=1e-9)
+    assert r.df == pytest.approx(ref.df, rel=1e-9)
+    lo, hi = ref.confidence_interval(0.95)
+    assert (r.ci_low, r.ci_high) == (pytest.approx(lo), pytest.approx(hi))
+
+
+@pytest.mark.parametrize("a, b", RUNS)
+def test_paired_t_is_scipys(a, b):
+    ref = scipy_stats.ttest_rel(a, b)
+    r = paired_t(a, b)
+    assert r.p_value == pytest.approx(ref.pvalue, rel=1e-9) and r.df == len(a) - 1
+
+
+def test_two_se_rule_is_too_weak_for_three_seeds():
+    # |diff| / SE = 2.77 > 2, yet with Welch's df of about 2 this happens by chance 10 % of the time
+    c = compare_runs(*RUNS[0])
+    assert abs(c.z) > 2 and c.p_value > 0.05 and not c.a_beats_b
+    assert "no difference detected" in str(c)
+
+
+@pytest.mark.parametrize("a, b, margin", [([97.1, 97.3, 97.2], [97.0, 97.3, 97.1], 0.5),
+                                          ([97.1, 96.3, 97.9], [97.0, 97.3, 96.1], 0.5),
+                                          ([90.0, 91.0, 89.5, 92.0], [88.0, 91.5, 90.0, 87.0], 3.0)])
+def test_tost_is_two_one_sided_scipy_tests(a, b, margin):
+    d = [x - y for x, y in zip(a, b)]
+    p_lower = scipy_stats.ttest_1samp(d, -margin, alternative="greater").pvalue
+    p_upper = scipy_stats.ttest_1samp(d, margin, alternative="less").pvalue
+    r = tost(a, b, margin)
+    assert r.p_value == pytest.approx(max(p_lower, p_upper), rel=1e-9)
+    assert r.equivalent == (-margin < r.ci_low and r.ci_high < margin)
+
+
+def test_tost_does_not_call_a_large_noisy_gap_equivalent():
+    # a collapsed seed: the mean gap is large and the spread huge; no margin of 1 pp is shown
+    r = tost([95.8, 95.7, 16.2], [95.8, 95.7, 95.8], margin=1.0)
+    assert not r.equivalent
+    with pytest.raises(ValueError, match="margin"):
+        tost([1.0, 2.0], [1.0, 2.0], margin=-1)
+
+
+def test_min_sign_test_p():
+    assert min_sign_test_p(3) == 0.25 and min_sign_test_p(5) == 0.0625
+    with pytest.raises(ValueError, match="positive int"):
+        min_sign_test_p(0)
+
+
+def _bools(p, n, g):
+    return torch.rand(n, generator=g) < p
+
+
+def test_recovered_fraction_ci_covers_both_noise_sources():
+    g = torch.Generator().manual_seed(1)
+    fp32 = _bools(0.97, 1000, g)
+    ptq = [_bools(0.85, 1000, g) for _ in range(3)]
+    qat = [_bools(0.95, 1000, g) for _ in range(3)]
+    r = recovered_fraction_ci(fp32, ptq, qat, n_boot=1000)
+    assert r.ci_low < r.estimate < r.ci_high
+    # seeds that disagree widen the interval over the same images
+    qat_spread = [_bools(0.90, 1000, g), _bools(0.95, 1000, g), _bools(0.99, 1000, g)]
+    wide = recovered_fraction_ci(fp32, ptq, qat_spread, n_boot=1000)
+    assert wide.ci_high - wide.ci_low > r.ci_high - r.ci_low
+    # the image-level noise alone: one seed each still has an interval of positive width
+    one = recovered_fraction_ci(fp32, ptq[0], qat[0], n_boot=1000)
+    assert one.ci_high - one.ci_low > 0.05
+    assert one.meets(one.ci_low) and not one.meets(one.ci_low + 1e-9)
+
+
+def test_recovered_fraction_ci_rejects_bad_input():
+    g = torch.Generator().manual_seed(2)
+    a = _bools(0.9, 200, g)
+    with pytest.raises(ValueError, match="no drop to recover"):
+        recovered_fraction_ci(a, a, a)
+    with pytest.raises(ValueError, match="same images"):
+        recovered_fraction_ci(a, [a[:100]], [a])
+    with pytest.raises(ValueError, match="n_boot"):
+        recovered_fraction_ci(a, a, a, n_boot=10)
