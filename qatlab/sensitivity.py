@@ -16,7 +16,7 @@ Taught in 06_when_qat_pays_off. Five groups of helpers:
 - **diagnosing a QAT run that breaks**: :class:`TrainingTrace` records loss,
   per-layer gradient norms, weight changes and how far each channel's batch
   spread drifts from the running statistics a frozen BN divides by;
-  :func:`top_hessian_eigenvalue` measures the sharpness of the loss, which bounds
+  :func:`hessian_sharpness` measures the sharpness of the loss, which bounds
   the stable learning rate of SGD with momentum β: ``lr < 2 (1 + β) / λ_max``
   (:func:`stable_lr_limit`).
 - **plots**: one message each, ``ax`` in, ``ax`` out.
@@ -28,6 +28,7 @@ Signal-to-quantization-noise ratio (SQNR), as everywhere in qatlab::
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -460,37 +461,97 @@ def frozen_gain(convbn):
     return (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
 
 
-def top_hessian_eigenvalue(model, x, y, iters=20, seed=0):
-    """Largest eigenvalue of the Hessian of the cross-entropy loss on ``(x, y)`` (power iteration).
+@dataclass(frozen=True)
+class Sharpness:
+    """Result of :func:`hessian_sharpness`: the largest-magnitude Hessian eigenvalue and how well
+    the power iteration converged.
 
-    Each iteration is one Hessian-vector product, the gradient of
-    ``grad(loss) · v`` (Pearlmutter's trick via double backward). The model's
-    current mode decides how BN behaves (train: batch statistics; eval: running
-    statistics); BN buffers are restored afterwards. With momentum ``β``, SGD
-    on a quadratic with this curvature is stable only for
-    ``lr < 2 (1 + β) / λ_max`` (:func:`stable_lr_limit`).
-    Checked against ``torch.autograd.functional.hessian`` in the tests.
-    Taught in 06_when_qat_pays_off.
+    ``rel_change`` is the relative change of the Rayleigh quotient ``vᵀHv`` over the last
+    iteration, ``residual`` is ``||Hv - λv|| / |λ|`` for the final unit vector ``v`` (0 for an
+    exact eigenvector); ``converged`` is ``rel_change <= rtol`` on two iterations in a row.
     """
-    _check_int(iters, "iters", low=1)
+
+    value: float
+    iters: int
+    rel_change: float
+    residual: float
+    converged: bool
+
+    def __float__(self):
+        return self.value
+
+    def __str__(self):
+        state = "converged" if self.converged else "NOT converged"
+        return (f"lambda_max {self.value:.4g} ({state} after {self.iters} iterations: last change "
+                f"{self.rel_change:.1e}, residual {self.residual:.2f})")
+
+
+def hessian_sharpness(model, x, y, max_iters=100, rtol=1e-3, seed=0):
+    """Largest eigenvalue of the Hessian of the cross-entropy loss on ``(x, y)``, by power iteration
+    run until the Rayleigh quotient settles; returns a :class:`Sharpness`.
+
+    Each iteration is one Hessian-vector product, the gradient of ``grad(loss) · v``
+    (Pearlmutter's trick via double backward), and the estimate is the Rayleigh quotient
+    ``λ_k = v_kᵀ H v_k`` of the unit vector ``v_k``. The iteration stops when
+    ``|λ_k - λ_{k-1}| <= rtol |λ_k|`` on two iterations in a row, or after ``max_iters``
+    (then ``converged`` is False: report it, do not trust the digit). Power iteration finds the
+    eigenvalue of largest magnitude; it converges slowly when the top two are close. The model's
+    current mode decides how BN behaves (train: batch statistics; eval: running statistics);
+    buffers (BN statistics, observer state) are restored afterwards. With momentum ``β``, SGD on
+    a quadratic with this curvature is stable only for ``lr < 2 (1 + β) / λ_max``
+    (:func:`stable_lr_limit`). Checked against ``torch.autograd.functional.hessian`` in the
+    tests. Taught in 06_when_qat_pays_off.
+
+    >>> net = nn.Linear(3, 2)
+    >>> s = hessian_sharpness(net, torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    >>> s.converged and s.value > 0
+    True
+    """
+    _check_int(max_iters, "max_iters", low=1)
+    if isinstance(rtol, bool) or not isinstance(rtol, int | float) or not rtol >= 0:
+        raise ValueError(f"rtol must be a number >= 0, got {rtol!r}")
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters")
+
+    def dot(a, b):
+        return sum((s * t).sum() for s, t in zip(a, b))
+
     try:
         loss = nn.functional.cross_entropy(model(x), y)
         grads = torch.autograd.grad(loss, params, create_graph=True)
         g = torch.Generator().manual_seed(seed)
         v = [torch.randn(p.shape, generator=g) for p in params]
-        norm = torch.sqrt(sum((t * t).sum() for t in v))
+        norm = torch.sqrt(dot(v, v))
         v = [t / norm for t in v]
-        lam = 0.0
-        for _ in range(iters):
+        lam, change, settled, k = None, math.inf, 0, 0
+        for k in range(1, max_iters + 1):
             hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
-            lam = float(sum((a * b).sum() for a, b in zip(hv, v)))
-            norm = torch.sqrt(sum((t * t).sum() for t in hv))
+            new = float(dot(hv, v))
+            if not math.isfinite(new):
+                return Sharpness(new, k, math.nan, math.nan, False)
+            change = abs(new - lam) / max(abs(new), 1e-30) if lam is not None else math.inf
+            lam = new
+            residual = float(torch.sqrt(sum(((a - lam * b) ** 2).sum() for a, b in zip(hv, v))) / max(abs(lam), 1e-30))
+            settled = settled + 1 if change <= rtol else 0
+            norm = torch.sqrt(dot(hv, hv))
+            if settled >= 2 or not norm > 0:
+                break
             v = [t / norm for t in hv]
     finally:
         model.load_state_dict(buffers, strict=False)
-    return lam
+    return Sharpness(lam, k, change, residual, settled >= 2)
+
+
+def top_hessian_eigenvalue(model, x, y, iters=20, seed=0):
+    """Largest Hessian eigenvalue after exactly ``iters`` power iterations (no convergence check).
+
+    Prefer :func:`hessian_sharpness`, which iterates until the estimate settles and says
+    whether it did. Taught in 06_when_qat_pays_off.
+    """
+    _check_int(iters, "iters", low=1)
+    return hessian_sharpness(model, x, y, max_iters=iters, rtol=0.0, seed=seed).value
 
 
 def stable_lr_limit(sharpness, momentum=0.9):

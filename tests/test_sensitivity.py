@@ -331,3 +331,52 @@ def test_plots_return_their_axes():
     assert list(ax.get_lines()[0].get_xdata()) == [20, 22]  # the nan is left out
     assert sens.plot_pareto({"u": [(1000, 97.0, 0.1, "W8"), (500, 96.0, 0.3, "W4")]}) is not None
     plt.close("all")
+
+
+def _tiny_net_and_exact_top_eigenvalue():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    params = list(net.parameters())
+    shapes = [p.shape for p in params]
+
+    def loss_of(flat):
+        chunks, i = [], 0
+        for s in shapes:
+            n = math.prod(s)
+            chunks.append(flat[i:i + n].reshape(s))
+            i += n
+        h = torch.tanh(x @ chunks[0].T + chunks[1])
+        return nn.functional.cross_entropy(h @ chunks[2].T + chunks[3], y)
+
+    flat = torch.cat([p.detach().flatten() for p in params])
+    eig = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss_of, flat))
+    return net, x, y, eig[eig.abs().argmax()].item()
+
+
+def test_hessian_sharpness_converges_to_the_exact_top_eigenvalue_and_says_so():
+    net, x, y, top = _tiny_net_and_exact_top_eigenvalue()
+    s = sens.hessian_sharpness(net, x, y, max_iters=500, rtol=1e-7)
+    assert s.converged and s.iters < 500
+    assert abs(s.value - top) / abs(top) < 1e-3
+    assert s.residual < 0.1 and float(s) == s.value and "converged" in str(s)
+
+
+def test_hessian_sharpness_reports_an_unconverged_iteration():
+    net, x, y, _ = _tiny_net_and_exact_top_eigenvalue()
+    s = sens.hessian_sharpness(net, x, y, max_iters=2, rtol=1e-12)
+    assert not s.converged and s.iters == 2 and "NOT converged" in str(s)
+    # the fixed-iteration form is the same iteration without the stopping rule
+    assert sens.top_hessian_eigenvalue(net, x, y, iters=2) == s.value
+
+
+def test_hessian_sharpness_restores_buffers_and_rejects_bad_arguments():
+    bn_net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 26 * 26, 10)).train()
+    before = bn_net[1].running_var.clone()
+    sens.hessian_sharpness(bn_net, torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,)), max_iters=3)
+    assert torch.equal(bn_net[1].running_var, before)
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    with pytest.raises(ValueError, match="max_iters"):
+        sens.hessian_sharpness(nn.Linear(3, 2), x, y, max_iters=0)
+    with pytest.raises(ValueError, match="rtol"):
+        sens.hessian_sharpness(nn.Linear(3, 2), x, y, rtol=-1)
