@@ -1,6 +1,6 @@
 """Silence output that teaches nothing, so the warnings a notebook shows are the ones that matter.
 
-Three kinds of noise, three tools:
+Four kinds of noise, four tools:
 
 - **library log lines** (Python ``logging``): :func:`silence_noise` raises the
   level of the loggers in :data:`NOISY_LOGGERS`. Every notebook calls it once
@@ -16,6 +16,10 @@ Three kinds of noise, three tools:
   :func:`native_stderr_filtered` redirects the descriptor for the length of a
   ``with`` block, then re-emits every line that is *not* in
   :data:`NATIVE_NOISE`, so a real error from the runtime still shows.
+- **machine paths in warnings**: Python prints a warning as
+  ``/home/you/.../qatlab/baseline.py:119: UserWarning: ... at /home/you/.../build/x.pt``
+  plus the source line. :func:`plain_warnings` prints ``UserWarning: ... at build/x.pt``:
+  the same message, with the checkout and build folders written as ``<repo>`` and ``build``.
 """
 
 import contextlib
@@ -156,3 +160,41 @@ def native_stderr_filtered(patterns=NATIVE_NOISE):
                 sys.stderr.write("\n".join(result.kept) + "\n")
                 with contextlib.suppress(AttributeError, ValueError):
                     sys.stderr.flush()
+
+
+def _relative_paths(text):
+    from .files import build_dir, repo_root
+
+    for folder, name in ((build_dir(), "build"), (repo_root(), "<repo>")):
+        text = text.replace(str(folder.resolve()), name).replace(str(folder), name)
+    return text
+
+
+def format_warning_plainly(message, category, filename, lineno, line=None):
+    """``"<Category>: <message>\\n"`` with the build and checkout folders shortened; no file, line or source.
+
+    The signature of :func:`warnings.formatwarning`, which :func:`plain_warnings` replaces.
+
+    >>> format_warning_plainly("no checkpoint: training it now", UserWarning, "/x/qatlab/baseline.py", 119)
+    'UserWarning: no checkpoint: training it now\\n'
+    """
+    return f"{category.__name__}: {_relative_paths(str(message))}\n"
+
+
+def plain_warnings():
+    """Show every warning from here on as ``Category: message``, paths of this checkout shortened.
+
+    A warning still shows (nothing is filtered); only the machine-specific prefix (the
+    absolute path and line of the code that warned, and its source line) goes, and the build
+    folder reads ``build``. Returns the previous formatter, which
+    ``warnings.formatwarning = previous`` restores. Called in the setup cell of notebooks
+    04-08.
+
+    >>> previous = plain_warnings()
+    >>> warnings.formatwarning("careful", UserWarning, "/abs/path/file.py", 3)
+    'UserWarning: careful\\n'
+    >>> warnings.formatwarning = previous
+    """
+    previous = warnings.formatwarning
+    warnings.formatwarning = format_warning_plainly
+    return previous

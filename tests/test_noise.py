@@ -102,3 +102,16 @@ def test_native_stderr_filtered_also_catches_python_level_pieces(capsys):
             sys.stderr.write(piece)
     assert out.dropped == ["[cpuinfo_utils.cpp:71] Reading file x"]
     assert capsys.readouterr().err == "a real message\n"
+
+
+def test_plain_warnings_drops_the_source_location_and_shortens_build_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("QATLAB_BUILD", str(tmp_path / "b"))
+    previous = noise.plain_warnings()
+    try:
+        text = warnings.formatwarning(f"no checkpoint at {tmp_path / 'b' / 'checkpoints' / 'x.pt'}: training it now",
+                                      UserWarning, "/abs/qatlab/baseline.py", 119, "net = load_baseline()")
+        assert text == "UserWarning: no checkpoint at build/checkpoints/x.pt: training it now\n"
+    finally:
+        warnings.formatwarning = previous
+    assert warnings.formatwarning is previous
+    assert "baseline.py:119" in warnings.formatwarning("m", UserWarning, "/abs/qatlab/baseline.py", 119)
