@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from notebook_solutions import solution
 
 from qatlab.exercises import ExerciseError, check_choose_qparams, check_quantize, check_ste_grad
 
@@ -154,5 +155,145 @@ def test_check_ste_grad_hints(wrong, hint):
 def test_checks_reject_non_tensors():
     with pytest.raises(ExerciseError, match="torch.Tensor"):
         check_quantize(lambda *a: [0])
-    with pytest.raises(ExerciseError, match="pair"):
+    with pytest.raises(ExerciseError, match=r"should return \(scale, zero_point\), got float 0.1"):
         check_choose_qparams(lambda *a: 0.1)
+
+
+# --- the notebook's own solutions ---------------------------------------------
+
+@pytest.mark.parametrize("grade_id, name, check", [
+    ("ex01_quantize", "my_quantize", check_quantize),
+    ("ex01_choose_qparams", "my_choose_qparams", check_choose_qparams),
+    ("ex01_ste_grad", "my_ste_grad", check_ste_grad),
+])
+def test_notebook_solutions_pass(grade_id, name, check):
+    assert check(solution("01_fake_quant_math", grade_id)[name]) is True
+
+
+# --- right answers in other styles and types --------------------------------
+
+def quantize_per_element(x, scale, zero_point, quant_min, quant_max):
+    codes = [min(max(round(v / scale) + zero_point, quant_min), quant_max) for v in x.reshape(-1).tolist()]
+    return torch.tensor(codes, dtype=torch.int64).reshape(x.shape)
+
+
+def quantize_reciprocal(x, scale, zero_point, quant_min, quant_max):
+    return torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, quant_min, quant_max).long()
+
+
+def qparams_tensors(x, quant_min, quant_max):
+    lo, hi = torch.clamp(x.min(), max=0), torch.clamp(x.max(), min=0)
+    scale = (hi - lo) / (quant_max - quant_min)
+    return scale, (quant_min - torch.round(lo / scale)).to(torch.int32)
+
+
+def qparams_numpy(x, quant_min, quant_max):
+    import numpy as np
+
+    a = x.numpy().astype(np.float32)
+    lo, hi = np.minimum(a.min(), np.float32(0)), np.maximum(a.max(), np.float32(0))
+    scale = (hi - lo) / np.float32(quant_max - quant_min)
+    return np.array([scale, quant_min - np.round(lo / scale)])
+
+
+def ste_where(x, scale, zero_point, quant_min, quant_max, grad_output):
+    q = (x / scale).round() + zero_point
+    return torch.where((q < quant_min) | (q > quant_max), torch.zeros_like(grad_output), grad_output)
+
+
+@pytest.mark.parametrize("check, answer", [
+    (check_quantize, quantize_per_element), (check_quantize, quantize_reciprocal),
+    (check_choose_qparams, qparams_tensors), (check_choose_qparams, qparams_numpy),
+    (check_ste_grad, ste_where),
+])
+def test_right_answers_in_other_styles_pass(check, answer):
+    assert check(answer) is True
+
+
+# --- wrong answers that the hand-made cases alone let through -----------------
+
+def half_away(v):
+    return torch.sign(v) * torch.floor(v.abs() + 0.5)
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    # rounds ties away from zero: on the hand-made ties only via the zero-point case
+    (lambda x, s, z, lo, hi: (half_away(x / s) + z).clamp(lo, hi).int(), "away from zero"),
+    (lambda x, s, z, lo, hi: (torch.round(x / s) + z).clamp(lo, hi - 1).int(), "off by one at the top"),
+    (lambda x, s, z, lo, hi: (torch.round(x / s) + z).clamp(lo + 1, hi).int(), "off by one at the bottom"),
+    (lambda x, s, z, lo, hi: (torch.round(x / s).clamp(lo, hi) + z).int(), "clamped before adding"),
+    (lambda x, s, z, lo, hi: torch.round(x / s).clamp(lo, hi).int(), "zero-point is missing"),
+    (lambda x, s, z, lo, hi: (torch.round(x / s) + z).clamp(lo, hi).to(torch.int8), "cast to torch.int8"),
+    (lambda x, s, z, lo, hi: (torch.ceil(x / s) + z).clamp(lo, hi).int(), "ceil rounds up"),
+])
+def test_check_quantize_catches_more_slips(wrong, hint):
+    with pytest.raises(ExerciseError, match=hint):
+        check_quantize(wrong)
+
+
+def test_check_quantize_in_place_and_crash_get_hints():
+    def in_place(x, scale, zero_point, quant_min, quant_max):
+        x /= scale
+        return (torch.round(x) + zero_point).clamp(quant_min, quant_max).int()
+
+    with pytest.raises(ExerciseError, match=r"changed its input \(argument 1\) in place"):
+        check_quantize(in_place)
+    with pytest.raises(ExerciseError, match=r"raised TypeError"):
+        check_quantize(lambda x, s, z, lo, hi: torch.round(x / s, z))
+    with pytest.raises(ExerciseError, match=r"returned None: did you forget the `return`"):
+        check_quantize(lambda *a: None)
+    with pytest.raises(ExerciseError, match="pass your function itself, my_quantize"):
+        check_quantize(torch.tensor([1, 2]))
+
+
+def qparams_floor_half(x, quant_min, quant_max):
+    import math
+
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    scale = (hi - lo) / (quant_max - quant_min)
+    return scale, quant_min - math.floor(lo / scale + 0.5)
+
+
+def qparams_half_away(x, quant_min, quant_max):
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    scale = (hi - lo) / (quant_max - quant_min)
+    return scale, quant_min - int(half_away(torch.tensor(lo / scale, dtype=torch.float64)))
+
+
+def qparams_trunc(x, quant_min, quant_max):
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    scale = (hi - lo) / (quant_max - quant_min)
+    return scale, quant_min - int(lo / scale)
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (qparams_floor_half, r"a tie at min / scale = -3.5 .* rounds it up; torch rounds half to even"),
+    (qparams_half_away, r"a tie at min / scale = -2.5 .* rounded away from zero"),
+    (qparams_trunc, r"NEAREST integer"),
+])
+def test_check_choose_qparams_catches_rounding_slips(wrong, hint):
+    with pytest.raises(ExerciseError, match=hint):
+        check_choose_qparams(wrong)
+
+
+def test_check_choose_qparams_type_hints():
+    with pytest.raises(ExerciseError, match=r"zero_point should be a number, got str"):
+        check_choose_qparams(lambda x, lo, hi: (0.1, "0"))
+    with pytest.raises(ExerciseError, match=r"should return \(scale, zero_point\): 2 values, got 3"):
+        check_choose_qparams(lambda x, lo, hi: (0.1, 0, 1))
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    # the x-domain bounds agree with the rounded code on the hand-made case; random edges expose them
+    (lambda x, s, z, lo, hi, g: g * ((x >= (lo - z - 0.5) * s) & (x <= (hi - z + 0.5) * s)),
+     r"element \[\d+\] .* is|compared x with"),
+    (lambda x, s, z, lo, hi, g: g * ((torch.floor(x / s + 0.5) + z >= lo) & (torch.floor(x / s + 0.5) + z <= hi)),
+     "rounds ties up"),
+    (lambda x, s, z, lo, hi, g: g * ((torch.round(x / s) >= lo) & (torch.round(x / s) <= hi)),
+     "zero-point is missing"),
+    (lambda x, s, z, lo, hi, g: ((torch.round(x / s) + z >= lo) & (torch.round(x / s) + z <= hi)).float(),
+     "the mask alone"),
+])
+def test_check_ste_grad_catches_more_slips(wrong, hint):
+    with pytest.raises(ExerciseError, match=hint):
+        check_ste_grad(wrong)
