@@ -6,7 +6,7 @@ and has no side effects (no seeding, no threads set, no files written).
 
 Where each name is taught:
 
-- 00_start_here: ``load_dataset``, ``SmallCNN``, ``train``, ``evaluate``,
+- 00_start_here: ``set_threads``, ``load_dataset``, ``SmallCNN``, ``train``, ``evaluate``,
   ``set_seed``, ``load_baseline``, ``record``, ``cmp``
 - 01_fake_quant_math: ``choose_qparams``, ``quantize``, ``dequantize``, ``fake_quantize``
 - 02_observers: ``qatlab.observers``
@@ -54,6 +54,8 @@ _EXPORTS = {
     "recovered_fraction_ci": "stats",
     # quiet logs (every notebook's setup cell)
     "silence_noise": "noise",
+    # threads: as many as the CPUs this process may use (affinity, cgroup quota, QATLAB_THREADS)
+    "set_threads": "threads",
     # paths
     "build_dir": "files",
     "data_dir": "files",

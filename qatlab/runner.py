@@ -11,11 +11,15 @@
   offline (see :mod:`qatlab.site`);
 - merges ``build/results/<stem>.json`` into ``build/results.json`` as
   ``{"<stem>": {"<metric>": value, ..., "seconds": wall time}}``;
+- gives every cell and every notebook a time limit (:func:`time_limits`): past it the run of
+  that notebook fails with a message naming the notebook, the cell and the limit, and no
+  kernel process is left behind (:func:`reap_kernels`);
 - prints a results table, and exits 1 if any notebook failed (the others still run).
 """
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -23,18 +27,125 @@ import time
 from .files import atomic_path, build_dir, repo_root
 from .site import render_glossary, render_notebook_html, write_index
 
+# time limits of one notebook execution (seconds); QATLAB_CELL_TIMEOUT / QATLAB_NOTEBOOK_TIMEOUT
+# override them. The budget is 120 s a notebook on 2 quiet cores: the limits leave room for a
+# busy machine and a first run that trains the baselines, and still stop a hung kernel.
+CELL_TIMEOUT = 600
+NOTEBOOK_TIMEOUT = 1200
 
-def execute(notebook, out_dir, parameters):
+
+class NotebookTimeoutError(TimeoutError):
+    """A notebook ran past its per-cell or per-notebook time limit; its kernel was shut down."""
+
+
+def time_limits(cell_timeout=None, notebook_timeout=None):
+    """``(cell_timeout, notebook_timeout)`` in seconds: the arguments, else the environment
+    variables ``QATLAB_CELL_TIMEOUT`` / ``QATLAB_NOTEBOOK_TIMEOUT``, else the defaults.
+
+    >>> time_limits(30, 90)
+    (30.0, 90.0)
+    >>> time_limits(0, 90)
+    Traceback (most recent call last):
+    ...
+    ValueError: cell_timeout must be a positive number of seconds, got 0
+    """
+    out = []
+    for name, value, env, default in (("cell_timeout", cell_timeout, "QATLAB_CELL_TIMEOUT", CELL_TIMEOUT),
+                                      ("notebook_timeout", notebook_timeout, "QATLAB_NOTEBOOK_TIMEOUT",
+                                       NOTEBOOK_TIMEOUT)):
+        if value is None:
+            value = os.environ.get(env, default)
+            name = f"{env} (environment)" if env in os.environ else name
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = -1.0
+        if isinstance(value, bool) or not seconds > 0:
+            raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        out.append(seconds)
+    return tuple(out)
+
+
+def _kernel_children():
+    """Kernel processes (``ipykernel_launcher``) started by this process and still alive."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if any("ipykernel_launcher" in part for part in proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def reap_kernels():
+    """Kill kernel processes this process started that are still alive; return their pids.
+
+    nbclient shuts its kernel down when a run ends or fails; this is the last line of defence,
+    so that a failed or timed-out run never leaves a kernel behind.
+    """
+    import psutil
+
+    procs = _kernel_children()
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    return [p.pid for p in procs]
+
+
+def execute(notebook, out_dir, parameters, cell_timeout=None, notebook_timeout=None):
+    """Execute ``notebook`` with papermill into ``out_dir``; return ``(path, seconds)``.
+
+    Every cell gets at most ``cell_timeout`` seconds and the whole notebook at most
+    ``notebook_timeout`` (see :func:`time_limits`). Past either, the kernel is interrupted and
+    shut down and :class:`NotebookTimeoutError` names the notebook, the cell and the limit. The
+    partly executed notebook is still written to ``out_dir``: its cell metadata
+    (``execution.iopub.status.busy``, ``shell.execute_reply``) tells whether the kernel had
+    started, finished or replied to the cell it stopped in.
+    """
+    import nbformat
     import papermill as pm
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
+    cell_limit, nb_limit = time_limits(cell_timeout, notebook_timeout)
     out = out_dir / notebook.name
-    start = time.time()
-    # the kernel's own log stays quiet (it warns at every start that its local TCP traffic is
-    # unencrypted); errors in cells still reach the notebook and fail the run
-    pm.execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(notebook.parent),
-                        kernel_name="python3", progress_bar=False, log_output=False,
-                        extra_arguments=["--IPKernelApp.log_level=ERROR"])
-    return out, time.time() - start
+    start = time.monotonic()
+    deadline = start + nb_limit
+    current = {}
+
+    def timeout_func(cell):
+        current["cell"] = cell
+        left = deadline - time.monotonic()
+        current["limit"] = ("cell", cell_limit) if cell_limit <= left else ("notebook", nb_limit)
+        return max(1, int(min(cell_limit, left)))
+
+    try:
+        # the kernel's own log stays quiet (it warns at every start that its local TCP traffic is
+        # unencrypted); errors in cells still reach the notebook and fail the run
+        pm.execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(notebook.parent),
+                            kernel_name="python3", progress_bar=False, log_output=False,
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+                            timeout_func=timeout_func)
+    except (CellTimeoutError, DeadKernelError, TimeoutError) as e:
+        cell = current.get("cell")
+        index = "?"
+        if cell is not None and out.exists():
+            ids = [c.get("id") for c in nbformat.read(out, as_version=4).cells]
+            index = ids.index(cell.get("id")) if cell.get("id") in ids else "?"
+        kind, limit = current.get("limit", ("cell", cell_limit))
+        raise NotebookTimeoutError(
+            f"{notebook.name}: cell {index} did not finish within the {kind} limit of {limit:g} s "
+            f"({type(e).__name__}); its kernel was shut down. Partial output: {out}") from e
+    finally:
+        left = reap_kernels()
+        if left:
+            print(f"    killed {len(left)} kernel process(es) left behind: {left}", file=sys.stderr)
+    return out, time.monotonic() - start
 
 
 _TQDM = re.compile(r"\d+%\|")
@@ -126,6 +237,11 @@ def main(argv=None):
     parser.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 00 03")
     parser.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
                         help="papermill parameter for every notebook (VALUE parsed as JSON when it can be)")
+    parser.add_argument("--cell-timeout", type=float, default=None, metavar="S",
+                        help=f"seconds a cell may run (default: $QATLAB_CELL_TIMEOUT or {CELL_TIMEOUT})")
+    parser.add_argument("--notebook-timeout", type=float, default=None, metavar="S",
+                        help=f"seconds a notebook may run (default: $QATLAB_NOTEBOOK_TIMEOUT or "
+                             f"{NOTEBOOK_TIMEOUT})")
     args = parser.parse_args(argv)
 
     def parse(v):
@@ -135,6 +251,10 @@ def main(argv=None):
             return v
 
     params = {k: parse(v) for k, v in args.p}
+    try:
+        limits = time_limits(args.cell_timeout, args.notebook_timeout)
+    except ValueError as e:
+        parser.error(str(e))
     notebooks = sorted((repo_root() / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     if args.only:
         notebooks = [nb for nb in notebooks if any(nb.name.startswith(p) for p in args.only)]
@@ -149,7 +269,7 @@ def main(argv=None):
         print(f"[{i}/{len(notebooks)}] {nb.name} ...", flush=True)
         # a notebook's params: only those its parameters cell knows would be ignored by papermill
         try:
-            out, seconds[nb.stem] = execute(nb, executed_dir, params)
+            out, seconds[nb.stem] = execute(nb, executed_dir, params, *limits)
             print(f"    ok in {seconds[nb.stem]:.1f} s", flush=True)
         except Exception as e:  # papermill raises PapermillExecutionError with the cell's traceback
             failed.append(nb.stem)

@@ -26,18 +26,16 @@ def run_notebook(notebook_build):
     into the session's scratch build folder, and returns
     ``build/results/<stem>.json`` plus ``seconds``.
     """
-    import papermill as pm
+    from qatlab.runner import execute
 
     def run(stem, **params):
-        out = notebook_build / "executed" / f"{stem}.ipynb"
-        out.parent.mkdir(parents=True, exist_ok=True)
+        out_dir = notebook_build / "executed"
+        out_dir.mkdir(parents=True, exist_ok=True)
         old = os.environ.get("QATLAB_BUILD")
         os.environ["QATLAB_BUILD"] = str(notebook_build)
         try:
-            start = time.time()
-            pm.execute_notebook(str(NOTEBOOKS / f"{stem}.ipynb"), str(out), parameters=params,
-                                cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False)
-            seconds = time.time() - start
+            # the path of `make run`: per-cell and per-notebook time limits, no kernel left behind
+            _, seconds = execute(NOTEBOOKS / f"{stem}.ipynb", out_dir, params)
         finally:
             if old is None:
                 os.environ.pop("QATLAB_BUILD")
@@ -55,3 +53,35 @@ def pytest_collection_modifyitems(config, items):
     """Run notebook 00's papermill test first: it trains the baseline checkpoint in the
     shared scratch build folder, which every later notebook test then reuses."""
     items.sort(key=lambda item: 0 if "test_nb00_papermill" in item.nodeid else 1)
+
+
+# --- nbval: the same time limits as `make run` (qatlab.runner.time_limits) ------------------------
+
+_nbval_started = {}
+
+
+def pytest_runtest_setup(item):
+    """Give each nbval cell the smaller of the per-cell limit and what is left of its notebook's
+    limit, so a hung kernel fails the cell (nbval names the notebook and the cell) instead of
+    blocking the session; a notebook already past its limit fails at its next cell."""
+    if type(item).__name__ != "IPyNbCell":
+        return
+    from qatlab.runner import time_limits
+
+    cell_limit, nb_limit = time_limits()
+    nb = str(item.fspath)
+    first = _nbval_started.setdefault(nb, time.monotonic())
+    left = nb_limit - (time.monotonic() - first)
+    if left <= 0:
+        pytest.fail(f"{Path(nb).name}: past its notebook limit of {nb_limit:g} s before {item.name}",
+                    pytrace=False)
+    item.config.option.nbval_cell_timeout = max(1, int(min(cell_limit, left)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No kernel process outlives the test session, whatever failed."""
+    from qatlab.runner import reap_kernels
+
+    killed = reap_kernels()
+    if killed:
+        print(f"\nconftest: killed {len(killed)} kernel process(es) left behind: {killed}")

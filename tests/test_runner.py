@@ -1,0 +1,79 @@
+"""Time limits of notebook execution (qatlab.runner): a hung cell fails with a message naming the
+notebook, the cell and the limit, under papermill and under nbval, and no kernel is left behind."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from qatlab.runner import NotebookTimeoutError, _kernel_children, execute, time_limits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _notebook(path, *sources):
+    cells = [nbformat.v4.new_code_cell("seed = 0", metadata={"tags": ["parameters"]})]
+    cells += [nbformat.v4.new_code_cell(s) for s in sources]
+    nb = nbformat.v4.new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.mark.notebook
+def test_a_hung_cell_fails_with_its_notebook_cell_and_limit(tmp_path):
+    nb = _notebook(tmp_path / "hang.ipynb", "x = 1", "import time\ntime.sleep(600)", "y = 2")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(NotebookTimeoutError, match=r"hang\.ipynb: cell 2 did not finish within the "
+                                                   r"cell limit of 3 s"):
+        execute(nb, out, {}, cell_timeout=3, notebook_timeout=300)
+    assert _kernel_children() == []
+    executed = nbformat.read(out / "hang.ipynb", as_version=4)
+    assert "shell.execute_reply" in executed.cells[1].metadata["execution"]  # cell 1 finished
+
+
+@pytest.mark.notebook
+def test_the_notebook_limit_counts_every_cell(tmp_path):
+    nb = _notebook(tmp_path / "slow.ipynb", "import time\ntime.sleep(4)", "time.sleep(4)", "time.sleep(600)")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(NotebookTimeoutError, match=r"slow\.ipynb: cell \d did not finish within the "
+                                                   r"notebook limit of 6 s"):
+        execute(nb, out, {}, cell_timeout=100, notebook_timeout=6)
+    assert _kernel_children() == []
+
+
+@pytest.mark.notebook
+def test_nbval_gets_the_same_cell_limit(tmp_path):
+    nb = _notebook(tmp_path / "hang.ipynb", "import time\ntime.sleep(600)")
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
+    env = {**os.environ, "QATLAB_CELL_TIMEOUT": "3", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider",
+                        "-o", "addopts=", str(nb)], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 1, r.stdout[-2000:]
+    assert "hang.ipynb::Cell 1" in r.stdout and "Timeout of 3 seconds exceeded" in r.stdout, r.stdout[-3000:]
+    assert _kernel_children() == []
+
+
+@pytest.mark.parametrize("env, message", [({"QATLAB_CELL_TIMEOUT": "soon"}, "QATLAB_CELL_TIMEOUT"),
+                                          ({"QATLAB_NOTEBOOK_TIMEOUT": "-5"}, "QATLAB_NOTEBOOK_TIMEOUT")])
+def test_time_limits_from_the_environment_are_validated(monkeypatch, env, message):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=f"{message} \\(environment\\) must be a positive number"):
+        time_limits()
+
+
+def test_time_limits_defaults_and_overrides(monkeypatch):
+    monkeypatch.delenv("QATLAB_CELL_TIMEOUT", raising=False)
+    monkeypatch.setenv("QATLAB_NOTEBOOK_TIMEOUT", "900")
+    from qatlab.runner import CELL_TIMEOUT
+
+    assert time_limits() == (CELL_TIMEOUT, 900.0)
+    assert time_limits(10, 20) == (10.0, 20.0)
