@@ -3,8 +3,9 @@
 import warnings
 
 import pytest
+from notebook_solutions import solution
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
-from torch.ao.quantization import disable_observer
+from torch.ao.quantization import disable_fake_quant, disable_observer
 
 from qatlab.exercises import ExerciseError, check_freeze_callback, check_scale_gradient
 
@@ -77,13 +78,16 @@ def test_freeze_callback_not_handling_none():
                 model.apply(freeze_bn_stats)
         return callback
 
-    with pytest.raises(ExerciseError, match=r"freeze_observers_at=None your callback raised TypeError.*is not None"):
+    with pytest.raises(ExerciseError, match=r"freeze_observers_at=None, freeze_bn_at=0 raised TypeError.*"
+                                            r"test `freeze_observers_at is not None`"):
         check_freeze_callback(make)
 
 
 def test_freeze_callback_not_returning_a_function():
-    with pytest.raises(ExerciseError, match="returned NoneType"):
+    with pytest.raises(ExerciseError, match=r"make_freeze_callback\(2, 1\) returned None: did you forget"):
         check_freeze_callback(lambda a, b: None)
+    with pytest.raises(ExerciseError, match=r"returned int, not a function callback"):
+        check_freeze_callback(lambda a, b: 3)
 
 
 def test_scale_gradient_right():
@@ -125,3 +129,57 @@ def test_scale_gradient_check_emits_no_warning():
 def test_scale_gradient_divides():
     with pytest.raises(ExerciseError, match="divided by g"):
         check_scale_gradient(lambda x, g: (x - x / g).detach() + x / g)
+
+
+@pytest.mark.parametrize("grade_id, name, check", [
+    ("ex04_freeze_schedule", "make_freeze_callback", check_freeze_callback),
+    ("ex04_scale_gradient", "scale_gradient", check_scale_gradient),
+])
+def test_notebook_solutions_pass(grade_id, name, check):
+    assert check(solution("04_qat_training", grade_id)[name]) is True
+
+
+def test_freeze_callback_that_also_turns_fake_quant_off():
+    """Freezing the observers is not switching fake quantization off; the old cases let it pass."""
+    def make(freeze_observers_at, freeze_bn_at):
+        def callback(t, model):
+            if freeze_observers_at is not None and t >= freeze_observers_at:
+                model.apply(disable_observer)
+                model.apply(disable_fake_quant)
+            if freeze_bn_at is not None and t >= freeze_bn_at:
+                model.apply(freeze_bn_stats)
+        return callback
+
+    with pytest.raises(ExerciseError, match=r"fake quantization is off in .* it does not turn fake "
+                                            r"quantization off"):
+        check_freeze_callback(make)
+
+
+def test_freeze_callback_other_styles_pass():
+    def make(freeze_observers_at, freeze_bn_at):  # flags set by hand, no model.apply
+        def callback(t, model):
+            for m in model.modules():
+                if freeze_observers_at is not None and t >= freeze_observers_at and hasattr(m, "observer_enabled"):
+                    m.observer_enabled[0] = 0
+                if freeze_bn_at is not None and t >= freeze_bn_at and hasattr(m, "freeze_bn_stats"):
+                    m.freeze_bn_stats()
+        return callback
+
+    assert check_freeze_callback(make) is True
+
+
+def test_scale_gradient_other_styles_pass():
+    assert check_scale_gradient(lambda x, g: x.detach() + g * (x - x.detach())) is True
+    assert check_scale_gradient(lambda x, g: x * g + (x * (1 - g)).detach()) is True
+
+
+def test_scale_gradient_slips_get_hints():
+    with pytest.raises(ExerciseError, match=r"pass your function itself, scale_gradient"):
+        check_scale_gradient(0.5)
+    with pytest.raises(ExerciseError, match=r"scale_gradient\(x of shape \(3,\), g=0.125\) raised RuntimeError"):
+        check_scale_gradient(lambda x, g: x.mul_(g))
+    with pytest.raises(ExerciseError, match=r"returned None"):
+        check_scale_gradient(lambda x, g: None)
+    # a scalar step size (0-d), as LSQ has: a shape-(1,) result is not x's shape
+    with pytest.raises(ExerciseError, match=r"x of shape \(\).*return a tensor shaped like x \(\), got \(1,\)"):
+        check_scale_gradient(lambda x, g: ((x - x * g).detach() + x * g).reshape(-1))
