@@ -375,10 +375,17 @@ def quantize_bias(bias, input_scale, weight_scale, divide=False):
     """int32 bias ``round(b / (s_x · s_w))``, computed as ExecuTorch's XNNPACK delegate does.
 
     Taught in 09_integer_kernels. Float32 throughout: ``s = s_w · s_x`` (one
-    scale per output channel), then ``round(b · (1/s))`` half to even, clamped
-    to int32; equals ``torch.ops.quantized_decomposed.quantize_per_channel``
+    scale per output channel), then ``round(b · (1/s))`` half to even, saturated
+    to the int32 range; equals ``torch.ops.quantized_decomposed.quantize_per_channel``
     (per-tensor: ``quantize_per_tensor``) with those scales and zero-point 0.
     In Jacob et al.'s scheme this integer is added to the int32 accumulator.
+
+    A bias beyond the int32 range (a tiny weight scale, e.g. a channel of zeros
+    whose scale sits at the observer's floor) saturates to ``2**31 - 1`` or
+    ``-2**31``, as ``torch.quantize_per_tensor(..., torch.qint32)`` does. The
+    decomposed op clamps in float32, where ``2**31 - 1`` rounds to ``2**31``, and
+    converting that float to int32 is undefined in C++: on x86 it gives
+    ``-2**31``, a positive bias turned negative.
 
     ``divide=True`` computes ``round(b / s)`` instead, as the ONNX
     ``QuantizeLinear`` specification reads and as ONNX Runtime's
@@ -392,6 +399,8 @@ def quantize_bias(bias, input_scale, weight_scale, divide=False):
     >>> b, s = torch.tensor([0.4353451728820801]), torch.tensor([0.00017852989549282938])
     >>> quantize_bias(b, 1.0, s), quantize_bias(b, 1.0, s, divide=True)  # b / s = 2438.50013
     (tensor([2438], dtype=torch.int32), tensor([2439], dtype=torch.int32))
+    >>> quantize_bias(torch.tensor([1.0, -1.0]), 1e-3, 1e-8)     # b / s = ±1e11: saturates
+    tensor([ 2147483647, -2147483648], dtype=torch.int32)
     """
     if not isinstance(divide, bool):
         raise TypeError(f"divide must be True or False, got {divide!r}")
@@ -410,13 +419,26 @@ def quantize_bias(bias, input_scale, weight_scale, divide=False):
         q = torch.round(bias / scale)
     else:
         q = torch.round(bias * (1.0 / scale))
-    return q.clamp(_INT32_MIN, _INT32_MAX).to(torch.int32)
+    return _saturate_int32(q)
+
+
+def _saturate_int32(q):
+    """Integer-valued floats → int32, saturating: the clamp runs in float64, where ``2**31 - 1`` is exact."""
+    return q.to(torch.float64).clamp(_INT32_MIN, _INT32_MAX).to(torch.int32)
+
+
+def _wrap_int32(t):
+    """int64 → int32 modulo 2**32: what a SIMD int32 add (``paddd``, ``vaddq_s32``) does on overflow."""
+    return (((t + 2**31) % 2**32) - 2**31).to(torch.int32)
 
 
 def _check_bias(bias):
     if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or bias.dim() != 1:
         raise TypeError(f"bias must be a 1-d float tensor, got {bias!r:.60}")
-    return bias.detach().to(_F32)
+    bias = bias.detach().to(_F32)
+    if not bool(torch.isfinite(bias).all()):
+        raise ValueError(f"bias must be finite, got {bias[~torch.isfinite(bias)][:4].tolist()}")
+    return bias
 
 
 def _out_range(kernel, zero_point, relu):
@@ -530,11 +552,19 @@ def requantize_qnnpack(acc, bias, *, input_scale, weight_scale, output_scale, ou
                        relu=False):
     """torch's QNNPACK epilogue: int32 bias, float32 multiplier, round to nearest even. 09_integer_kernels.
 
-    From torch's ``QuantizeBias`` and ``generate_requantization_scales``::
+    From torch's ``QuantizeBias`` (``quantize_per_tensor`` / ``_per_channel`` to
+    ``qint32``) and ``generate_requantization_scales``::
 
-        b_q = nearbyint(b · float(1 / float(double(s_w) · s_x)))     int32 bias
-        M   = (s_w · s_x) · (1 / s_y)                                float32
+        b_q = sat32(nearbyint(b · (1 / float(double(s_w) · double(s_x)))))   int32 bias
+        M   = (s_w · s_x) · (1 / s_y)                                        float32
         y_q = clamp(nearbyint(float(acc + b_q) · M) + z_y, z_y if relu else 0, 255)
+
+    The bias scale is the **double** product of the two scales as torch stores
+    them (``q_scale()`` is a double), rounded once to float32; multiplying the
+    float32-rounded scales instead moves ``b_q`` by one where ``b / (s_x·s_w)``
+    sits at a half (with ``s_x = 0.1``, for one). ``sat32`` saturates to the int32
+    range, and ``acc + b_q`` wraps around modulo 2**32 as QNNPACK's int32 SIMD
+    adds do (only a saturated bias can get there).
 
     >>> acc = torch.tensor([[100, -40]], dtype=torch.int32)
     >>> requantize_qnnpack(acc, torch.tensor([0.05, 0.0]), input_scale=0.02, weight_scale=0.01,
@@ -543,16 +573,16 @@ def requantize_qnnpack(acc, bias, *, input_scale, weight_scale, output_scale, ou
     """
     _check_int_tensor(acc, "acc", (torch.int32,))
     channels = acc.shape[1]
-    s_x = float(_check_scale(input_scale, "input_scale").to(_F32))        # act.q_scale() as a float
+    s_x = _check_scale(input_scale, "input_scale")              # act.q_scale(): a double
     s_w = _per_channel(_check_scale(weight_scale, "weight_scale"), channels, "weight_scale")
     s_y = _check_scale(output_scale, "output_scale").to(_F32)
     zp = int(_check_zero_point(output_zero_point, "output_zero_point", 0, 255))
     if bias is not None:
         b = _per_channel(_check_bias(bias), channels, "bias")
-        inv = torch.tensor(1.0, dtype=_F32) / (s_w.to(torch.float64) * s_x).to(_F32)
-        b_q = torch.round(b * inv).clamp(_INT32_MIN, _INT32_MAX).to(torch.int64)
-        acc = _to_int32(acc.to(torch.int64) + _channel_view(b_q, acc.dim()))
-    m = (s_w.to(_F32) * torch.tensor(s_x, dtype=_F32)) * (torch.tensor(1.0, dtype=_F32) / s_y)
+        inv = torch.tensor(1.0, dtype=_F32) / (s_w * s_x).to(_F32)
+        b_q = _saturate_int32(torch.round(b * inv)).to(torch.int64)
+        acc = _wrap_int32(acc.to(torch.int64) + _channel_view(b_q, acc.dim()))
+    m = (s_w.to(_F32) * s_x.to(_F32)) * (torch.tensor(1.0, dtype=_F32) / s_y)
     return requantize(acc, m, zp, zp if relu else 0, 255)
 
 

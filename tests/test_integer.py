@@ -258,6 +258,86 @@ def test_quantize_bias_equals_the_decomposed_ops():
     assert torch.equal(I.quantize_bias(bias, 0.0231, 0.004), ref)
 
 
+def test_quantize_bias_saturates_like_torchs_qint32_quantizer():
+    # b / (s_x s_w) = +-1e10, and 2**31 - 128 (the largest float32 below 2**31, exact with these
+    # power-of-two scales); torch.quantize_per_* to qint32 saturates
+    s_x = 2.0**-10
+    bias = torch.tensor([1.0, -1.0, (2**31 - 128) * 2.0**-30, 0.25])
+    w_scale = torch.tensor([1e-7, 1e-7, 2.0**-20, 0.01])
+    ours = I.quantize_bias(bias, s_x, w_scale)
+    assert ours.tolist()[:3] == [2**31 - 1, -(2**31), 2**31 - 128]     # the sign is kept
+    ref = torch.quantize_per_channel(bias, (w_scale.double() * s_x), torch.zeros(4, dtype=torch.long), 0,
+                                     torch.qint32).int_repr()
+    assert torch.equal(ours, ref)
+    ours_t = I.quantize_bias(bias[:2], s_x, 1e-7)
+    assert torch.equal(ours_t, torch.quantize_per_tensor(bias[:2], 1e-7 * s_x, 0, torch.qint32).int_repr())
+    assert torch.equal(ours_t, I.quantize_bias(bias[:2], s_x, 1e-7, divide=True))
+    with pytest.raises(ValueError, match="bias must be finite"):
+        I.quantize_bias(torch.tensor([float("inf"), 0.0]), 0.1, 0.1)
+
+
+def _qnnpack_layer(op, x_q, w_q, w_scale, bias, s_x, z_x, s_y, z_y):
+    """torch's qnnpack linear or 1x1 conv, and ours, on the same integers."""
+    torch.backends.quantized.engine = "qnnpack"
+    if op == "linear":
+        x = torch._make_per_tensor_quantized_tensor(x_q, s_x, z_x)
+        packed = torch.ops.quantized.linear_prepack(qweight(w_q, w_scale), bias)
+        ref = torch.ops.quantized.linear(x, packed, s_y, z_y).int_repr()
+        ours = I.linear_int8(x_q, w_q, bias, input_scale=s_x, input_zero_point=z_x, weight_scale=w_scale,
+                             output_scale=s_y, output_zero_point=z_y, kernel="qnnpack")
+        return ours, ref
+    x4, w4 = x_q[:, :, None, None].contiguous(), w_q[:, :, None, None].contiguous()
+    x = torch._make_per_tensor_quantized_tensor(x4, s_x, z_x)
+    packed = torch.ops.quantized.conv2d_prepack(qweight(w4, w_scale), bias, [1, 1], [0, 0], [1, 1], 1)
+    ref = torch.ops.quantized.conv2d(x, packed, s_y, z_y).int_repr()
+    ours = I.conv2d_int8(x4, w4, bias, input_scale=s_x, input_zero_point=z_x, weight_scale=w_scale,
+                         output_scale=s_y, output_zero_point=z_y, kernel="qnnpack")
+    return ours, ref
+
+
+@pytest.mark.skipif("qnnpack" not in ENGINES, reason="torch built without QNNPACK")
+@pytest.mark.parametrize("op", ["linear", "conv"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qnnpack_bias_scale_is_the_double_product_of_the_scales(op, per_channel):
+    # biases exactly at (n + 1/2) * s_x * s_w in double: the float32 bias scale decides the tie. torch
+    # multiplies the two scales in double (q_scale() is a double); rounding s_x to float32 first
+    # (0.1 is not a float32) moves some of these biases, and their outputs, by one step
+    moved = 0
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        k, o = 8, 16
+        x_q = torch.randint(0, 256, (4, k), dtype=torch.uint8, generator=g)
+        w_q = torch.randint(-128, 128, (o, k), dtype=torch.int8, generator=g)
+        w_scale = torch.rand(o, generator=g) * 0.02 + 1e-3 if per_channel else torch.tensor([0.003 + 0.01 * seed / 40])
+        s_x = 0.1
+        n = torch.randint(-1000, 1000, (o,), generator=g).double()
+        bias = ((n + 0.5) * w_scale.double() * s_x).float()
+        ours, ref = _qnnpack_layer(op, x_q, w_q, w_scale, bias, s_x, 3, 0.05, 100)
+        assert torch.equal(ours, ref), (seed, I.step_differences(ours, ref))
+        single = (w_scale.to(torch.float32) * torch.tensor(s_x, dtype=torch.float32)).double()
+        moved += int((torch.round(bias * (1 / single.float())) != torch.round(bias * (1 / (w_scale.double() * s_x)).float())).sum())
+    assert moved > 0     # the cases do tell the two bias scales apart
+
+
+@pytest.mark.skipif("qnnpack" not in ENGINES, reason="torch built without QNNPACK")
+@pytest.mark.parametrize("op", ["linear", "conv"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qnnpack_saturating_bias_equals_torch(op, per_channel):
+    # s_x s_w = 1e-10: b / (s_x s_w) = +-1e10 saturates to the int32 ends, and acc + b_q wraps around
+    # where acc has the bias's sign (channels 0 and 1: the output lands on the side of z_y opposite to
+    # the bias's sign; channels 2 and 3 do not wrap and keep it)
+    g = torch.Generator().manual_seed(0)
+    x_q = torch.randint(1, 256, (3, 6), dtype=torch.uint8, generator=g)
+    pos, neg = torch.randint(1, 128, (2, 6), generator=g), -torch.randint(1, 128, (2, 6), generator=g)
+    w_q = torch.stack([pos[0], neg[0], neg[1], pos[1]]).to(torch.int8)
+    bias = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    w_scale = torch.full((4,), 1e-7) if per_channel else torch.tensor([1e-7])
+    ours, ref = _qnnpack_layer(op, x_q, w_q, w_scale, bias, 1e-3, 0, 0.0021, 128)
+    assert torch.equal(ours, ref), I.step_differences(ours, ref)
+    ours = ours.reshape(3, 4).to(torch.int64)
+    assert bool((ours[:, [0, 3]] < 128).all()) and bool((ours[:, [1, 2]] > 128).all())
+
+
 def gemmlowp_scalar(acc, m0, shift, zp, lo, hi):
     """gemmlowp's MultiplyByQuantizedMultiplierSmallerThanOne, transcribed on Python ints."""
     prod = acc * m0
