@@ -16,12 +16,22 @@ In each code cell, every block from a ``### BEGIN SOLUTION`` line to its
     # YOUR CODE HERE
     raise NotImplementedError()
 
+A block at the top level of a cell that defines names a later cell uses keeps those
+names, so the student knows what to define and a check cell never meets a NameError:
+``k = 109`` becomes ``k = None  # replace None with your answer``, and a ``def`` keeps
+its signature (and docstring) with ``raise NotImplementedError()`` as its body.
+
+In a cell marked ``nbgrader.solution``, an ``import`` that only the solution used
+(nothing left in the copy refers to the name it binds) is dropped: it would hint at
+the answer (``import itertools`` above a search over subsets).
+
 Outputs and execution counts are cleared; nothing else changes (metadata, the
 nbgrader markup and every other line stay as they are), so the instructor
 notebooks also work directly with ``nbgrader generate_assignment``.
 """
 
 import argparse
+import ast
 import copy
 import sys
 from pathlib import Path
@@ -55,7 +65,7 @@ def strip_solutions(source, where="cell"):
     """
     if not isinstance(source, str):
         raise TypeError(f"{where}: source must be a str, got {type(source).__name__}")
-    out, begin_line, n_blocks = [], None, 0
+    out, begin_line, n_blocks, block, indent = [], None, 0, [], ""
     lines = source.split("\n")
     for number, line in enumerate(lines, start=1):
         text = line.strip()
@@ -64,21 +74,112 @@ def strip_solutions(source, where="cell"):
                 raise SolutionMarkupError(
                     f"{where}: line {number} opens a solution block inside the one opened at "
                     f"line {begin_line} (nested {BEGIN!r}; close the first with {END!r})")
-            begin_line = number
+            begin_line, block = number, []
             indent = line[: len(line) - len(line.lstrip())]
-            out.extend(indent + stub for stub in STUB)
         elif text.startswith(END):
             if begin_line is None:
                 raise SolutionMarkupError(
                     f"{where}: line {number} has {END!r} without a {BEGIN!r} before it")
+            out.extend(_stub(block, indent))
             begin_line = None
             n_blocks += 1
         elif begin_line is None:
             out.append(line)
+        else:
+            block.append(line)
     if begin_line is not None:
         raise SolutionMarkupError(
             f"{where}: the solution block opened at line {begin_line} has no {END!r}")
     return "\n".join(out), n_blocks
+
+
+def _stub(block, indent):
+    """The stub lines for one solution block (its lines without the markers) at ``indent``.
+
+    At the top level of a cell the names the block defines survive: an assignment as
+    ``name = None  # replace None with your answer``, a function as its signature and
+    docstring with ``raise NotImplementedError()`` as its body. Inside a function or a
+    class method the names are local, and the plain stub replaces the block.
+    """
+    stub = [indent + line for line in STUB]
+    if indent:
+        return stub
+    try:
+        tree = ast.parse("\n".join(block))
+    except SyntaxError:
+        return stub
+    keep, seen = [], set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name) and name.id not in seen:
+                        seen.add(name.id)
+                        keep.append(f"{name.id} = None  # replace None with your answer")
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            header = block[node.lineno - 1: node.body[0].lineno - 1]
+            first = node.body[0]
+            doc = (block[first.lineno - 1: first.end_lineno]
+                   if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                   and isinstance(first.value.value, str) else [])
+            body_indent = block[first.lineno - 1][: len(block[first.lineno - 1])
+                                                   - len(block[first.lineno - 1].lstrip())]
+            if node.decorator_list or not header:
+                continue
+            keep.extend(header + doc + [body_indent + line for line in STUB])
+    if not keep:
+        return stub
+    if any(line.startswith("def ") or line.startswith("async def ") for line in keep):
+        return [STUB[0]] + keep
+    return [STUB[0]] + keep + [STUB[1]]
+
+
+def _bound_names(tree):
+    """Names an import statement in ``tree``'s top level binds, as ``{name: node}``."""
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            for alias in node.names:
+                out.setdefault((alias.asname or alias.name).split(".")[0], []).append(node)
+    return out
+
+
+def _used_names(source):
+    """Every name read anywhere in ``source`` (IPython magics turned into Python first)."""
+    try:
+        tree = ast.parse(_as_python(source))
+    except SyntaxError:
+        return None
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+def _as_python(source):
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    return TransformerManager().transform_cell(source)
+
+
+def _drop_answer_imports(source, used_elsewhere):
+    """``source`` without the top-level imports whose names neither it nor another cell reads."""
+    try:
+        tree = ast.parse(_as_python(source))
+    except SyntaxError:
+        return source
+    used = _used_names(source) | used_elsewhere
+    drop = set()
+    for name, nodes in _bound_names(tree).items():
+        if name in used:
+            continue
+        for node in nodes:
+            if all((alias.asname or alias.name).split(".")[0] not in used for alias in node.names):
+                drop.add(node.lineno)
+    if not drop:
+        return source
+    lines = source.split("\n")
+    text = "\n".join(line for number, line in enumerate(lines, start=1) if number not in drop)
+    # an import at the top goes with the blank lines that separated it from the code below
+    return text.lstrip("\n") if 1 in drop else text
 
 
 def _is_solution_cell(cell):
@@ -104,6 +205,17 @@ def make_student_notebook(nb, name="notebook"):
                 f"{where} is marked nbgrader solution=true but has no {BEGIN!r} … {END!r} block")
         cell.outputs = []
         cell.execution_count = None
+    for index, cell in enumerate(student.cells):
+        if cell.cell_type == "code" and _is_solution_cell(cell):
+            elsewhere = set()
+            for other_index, other in enumerate(student.cells):
+                if other.cell_type == "code" and other_index != index:
+                    used = _used_names(other.source)
+                    if used is None:  # a cell we cannot read might use the import: keep them all
+                        break
+                    elsewhere |= used
+            else:
+                cell.source = _drop_answer_imports(cell.source, elsewhere)
     return student
 
 

@@ -44,7 +44,11 @@ def check_meta(grade_id):
 def test_block_at_top_level():
     out, n = strip_solutions("x = 1\n### BEGIN SOLUTION\ny = 2 * x\n### END SOLUTION\nprint(y)")
     assert n == 1
-    assert out == "x = 1\n" + STUB + "\nprint(y)"
+    # the name the block defined stays, so the code below it (a check) still finds it
+    assert out == ("x = 1\n# YOUR CODE HERE\ny = None  # replace None with your answer\n"
+                   "raise NotImplementedError()\nprint(y)")
+    # a block of statements that defines nothing gets the plain stub
+    assert strip_solutions("### BEGIN SOLUTION\nprint(1)\n### END SOLUTION")[0] == STUB
 
 
 def test_nested_indentation_keeps_the_begin_lines_indent():
@@ -333,3 +337,140 @@ def test_makefile_gives_students_a_lab_on_their_own_copies():
     readme = (ROOT / "README.md").read_text()
     assert readme.index("Students start here") < readme.index("For teachers")
     assert "make lab" in readme.split("For teachers")[0]
+
+
+# --- names: a check cell never meets a NameError in the student copy ---------------------
+
+def module_bindings(tree):
+    """Names a cell binds at module level (what later cells can use), statically."""
+    names = set()
+
+    def visit(node):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+            for inner in ast.walk(node):  # `global x` inside a function binds x at module level
+                if isinstance(inner, ast.Global):
+                    names.update(inner.names)
+            return
+        if isinstance(node, ast.Lambda | ast.ListComp | ast.SetComp | ast.DictComp | ast.GeneratorExp):
+            for inner in ast.walk(node):  # only a walrus leaks out of a comprehension
+                if isinstance(inner, ast.NamedExpr):
+                    names.add(inner.target.id)
+            return
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store | ast.Del):
+            names.add(node.id)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names if a.name != "*")
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names.add(node.name)
+        elif isinstance(node, ast.MatchAs | ast.MatchStar) and node.name:
+            names.add(node.name)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return names
+
+
+def names_read_before_bound(tree):
+    """Names a cell reads that it does not bind itself anywhere (parameters, loop variables,
+    comprehension targets and assignments in the cell all count as its own)."""
+    own = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store | ast.Del):
+            own.add(node.id)
+        elif isinstance(node, ast.arg):
+            own.add(node.arg)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            own.add(node.name)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            own.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            own.add(node.name)
+    read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    return read - own
+
+
+IPYTHON_NAMES = {"get_ipython", "display", "In", "Out", "exit", "quit"}
+
+
+def undefined_names_in_check_cells(nb):
+    """``[(cell index, sorted names)]``: names a graded check cell reads that no earlier cell
+    (nor the check cell itself, nor Python or IPython) defines."""
+    import builtins
+
+    defined = set(dir(builtins)) | IPYTHON_NAMES
+    problems = []
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        tree = ast.parse(TransformerManager().transform_cell(cell.source))
+        meta = nbgrader(cell)
+        if meta.get("grade") and not meta.get("solution"):
+            missing = names_read_before_bound(tree) - defined
+            if missing:
+                problems.append((index, sorted(missing)))
+        defined |= module_bindings(tree)
+    return problems
+
+
+def test_undefined_names_analysis_catches_a_removed_definition():
+    """The stub of a top-level block keeps its names; a plain stub would not (05's k_within_10pct)."""
+    nb = synthetic_notebook()
+    nb.cells[2].source = ("def area(r):\n    ### BEGIN SOLUTION\n    return math.pi * r ** 2\n"
+                          "    ### END SOLUTION\n\n\n### BEGIN SOLUTION\nr_min = 3  # a decision\n"
+                          "### END SOLUTION")
+    nb.cells[3].source = "assert check(area, r_min)"
+    nb.cells.insert(1, new_code_cell("from mod import check"))
+    assert undefined_names_in_check_cells(nb) == []
+    copy = make_student_notebook(nb, "99_synthetic.ipynb")
+    assert "r_min = None  # replace None with your answer" in copy.cells[3].source
+    assert "3" not in copy.cells[3].source.split("r_min")[1].split("\n")[0]
+    assert undefined_names_in_check_cells(copy) == []
+    # the analysis does find a name that no cell defines
+    copy.cells[3].source = copy.cells[3].source.replace("r_min = None", "other = None")
+    assert undefined_names_in_check_cells(copy) == [(4, ["r_min"])]
+
+
+@needs_notebooks
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_check_cells_of_the_student_copy_read_only_defined_names(student_copies, path):
+    instructor, copy = student_copies[path.name]
+    assert undefined_names_in_check_cells(instructor) == [], "the instructor notebook itself"
+    assert undefined_names_in_check_cells(copy) == [], \
+        f"{path.name}: a check cell reads a name the student copy no longer defines"
+
+
+def test_top_level_function_block_keeps_its_signature_and_docstring():
+    src = ('### BEGIN SOLUTION\ndef f(x, n: int = 2):\n    """Doc of f."""\n    return x ** n\n'
+           'best = f(3)\n### END SOLUTION\nprint(best)')
+    out, n = strip_solutions(src)
+    assert n == 1
+    assert out == ('# YOUR CODE HERE\ndef f(x, n: int = 2):\n    """Doc of f."""\n'
+                   '    # YOUR CODE HERE\n    raise NotImplementedError()\n'
+                   'best = None  # replace None with your answer\nprint(best)')
+    ast.parse(out)
+
+
+def test_solution_cell_drops_imports_only_the_answer_used():
+    nb = synthetic_notebook()
+    nb.cells[2].source = ("import itertools\nimport math\n\n\ndef area(r):\n    ### BEGIN SOLUTION\n"
+                          "    return max(itertools.chain([math.pi * r ** 2]))\n    ### END SOLUTION")
+    copy = make_student_notebook(nb, "99_synthetic.ipynb")
+    assert "itertools" not in copy.cells[2].source
+    # math stays: cell 3 (the check) reads it
+    assert copy.cells[2].source.startswith("import math\n\n\ndef area(r):")
+    # an import that a later cell reads stays too
+    nb.cells.append(new_code_cell("print(itertools.count)"))
+    assert "import itertools" in make_student_notebook(nb).cells[2].source
+
+
+@needs_notebooks
+def test_notebook_06_copy_has_no_itertools_hint(student_copies):
+    name = next((p.name for p in NOTEBOOKS if p.name.startswith("06_")), None)
+    if name is None:
+        pytest.skip("no notebook 06")
+    _, copy = student_copies[name]
+    for cell in copy.cells:
+        if nbgrader(cell).get("solution"):
+            assert "import itertools" not in cell.source
