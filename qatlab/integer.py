@@ -368,6 +368,97 @@ def accumulate_linear_fbgemm(x_q, w_q, *, x_zero_point, isa=None):
     return _to_int32(acc.to(torch.int64) + correction)
 
 
+# ---------------------------------------------------------------- ONNX Runtime's MLAS: which instructions
+
+#: MLAS's u8 × s8 GEMM kernels (ONNX Runtime's CPU math library) that add int16 pairs with
+#: ``vpmaddubsw`` (``QgemmU8S8KernelAvx2.S``, ``QgemmU8S8KernelAvx512Core.S``)
+MLAS_SATURATING = ("avx2", "avx512_core")
+
+
+def mlas_u8s8_kernel(flags=None, machine=None):
+    """Which of MLAS's u8 × s8 kernels ONNX Runtime's CPU provider runs on this CPU. 09_integer_kernels.
+
+    From the CPU flags (``/proc/cpuinfo`` names, :func:`qatlab.deploy.cpu_flags`)
+    and the architecture (``platform.machine()``), in MLAS's order of preference:
+
+    - ``"avx512_vnni"``, ``"avx_vnni"``: ``vpdpbusd(s)`` adds four products into int32;
+    - ``"avx512_core"`` (AVX-512 BW without VNNI) and ``"avx2"``: ``vpmaddubsw`` adds
+      *pairs* of u8 × s8 products into a saturating int16, then ``vpmaddwd`` widens them;
+    - ``"neon"`` (ARM64): ``umlal`` (or ``udot``) widens every product into an int32
+      accumulator;
+    - ``"other"``: none of these (not reproduced here).
+
+    Only the ``vpmaddubsw`` kernels can saturate (:data:`MLAS_SATURATING`).
+
+    >>> mlas_u8s8_kernel({"avx2": True, "avx512bw": False, "avx512_vnni": False, "avx_vnni": False}, "x86_64")
+    'avx2'
+    >>> mlas_u8s8_kernel({"avx2": True, "avx512bw": True, "avx512_vnni": True, "avx_vnni": False}, "x86_64")
+    'avx512_vnni'
+    >>> mlas_u8s8_kernel({}, "aarch64")
+    'neon'
+    """
+    import platform
+
+    machine = platform.machine() if machine is None else machine
+    if machine.lower() in ("aarch64", "arm64"):
+        return "neon"
+    if flags is None:
+        from .deploy import cpu_flags
+
+        flags = cpu_flags(("avx2", "avx512bw", "avx512_vnni", "avx_vnni"))
+    for flag, kernel in (("avx512_vnni", "avx512_vnni"), ("avx_vnni", "avx_vnni"),
+                         ("avx512bw", "avx512_core"), ("avx2", "avx2")):
+        if flags.get(flag):
+            return kernel
+    return "other"
+
+
+def accumulate_conv2d_mlas(x_q, w_q, *, x_zero_point, stride=1, padding=0, dilation=1, saturate=None):
+    """ONNX Runtime's int32 accumulator of a ``QLinearConv`` (u8 × s8), pair saturation included.
+
+    Taught in 09_integer_kernels. MLAS multiplies the raw uint8 inputs (padding
+    = ``z_x``) by the int8 weights in the same order as FBGEMM (``k = (i, j, c)``,
+    :func:`im2col_fbgemm`; an odd ``K`` pairs its last term with a zero). With
+    ``saturate=True`` (the ``vpmaddubsw`` kernels, :data:`MLAS_SATURATING`) every
+    pair of adjacent terms is saturated to int16 first::
+
+        acc = Σ_pairs sat16(x[2p]·w[2p] + x[2p+1]·w[2p+1]) − z_x · Σ w
+
+    ``saturate=False`` is :func:`accumulate_conv2d`; ``None`` reads the CPU
+    (:func:`mlas_u8s8_kernel`). Verified against onnxruntime's ``QLinearConv``
+    with symmetric int8 weights and ``groups=1`` (``tests/test_integer.py``).
+    """
+    acc = accumulate_conv2d(x_q, w_q, x_zero_point=x_zero_point, stride=stride, padding=padding,
+                            dilation=dilation)
+    if saturate is None:
+        saturate = mlas_u8s8_kernel() in MLAS_SATURATING
+    if not saturate:
+        return acc
+    o, _, kh, kw = w_q.shape
+    rows = im2col_fbgemm(x_q, x_zero_point=x_zero_point, kernel_size=(kh, kw), stride=stride,
+                         padding=padding, dilation=dilation)
+    correction, _ = _saturation_correction(rows, weights_fbgemm(w_q))
+    n, _, oh, ow = acc.shape
+    return _to_int32(acc.to(torch.int64) + correction.reshape(n, oh, ow, o).permute(0, 3, 1, 2))
+
+
+def accumulate_linear_mlas(x_q, w_q, *, x_zero_point, saturate=None):
+    """ONNX Runtime's int32 accumulator of a ``QGemm`` (u8 × s8), pair saturation included.
+
+    Taught in 09_integer_kernels. As :func:`accumulate_conv2d_mlas`, with the
+    pairs ``(x[2p], x[2p+1])`` along the input features (the same pairs as
+    FBGEMM's, :func:`accumulate_linear_fbgemm`).
+    """
+    acc = accumulate_linear(x_q, w_q, x_zero_point=x_zero_point)
+    if saturate is None:
+        saturate = mlas_u8s8_kernel() in MLAS_SATURATING
+    if not saturate:
+        return acc
+    _check_int_tensor(x_q, "x_q", (torch.uint8,))
+    correction, _ = _saturation_correction(x_q.unsqueeze(1), w_q, 1)
+    return _to_int32(acc.to(torch.int64) + correction)
+
+
 # ---------------------------------------------------------------- bias and requantization
 
 

@@ -338,6 +338,87 @@ def test_qnnpack_saturating_bias_equals_torch(op, per_channel):
     assert bool((ours[:, [0, 3]] < 128).all()) and bool((ours[:, [1, 2]] > 128).all())
 
 
+def _onnx_qlinear(op, w_q, w_scale, bias_q, s_x, z_x, s_y, z_y, **attrs):
+    """A one-node ONNX model: QLinearConv or com.microsoft QGemm (u8 activations, s8 weights, zp 0)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    def init(name, value, dtype):
+        return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+
+    inits = [init("xs", s_x, np.float32), init("xz", z_x, np.uint8), init("w", w_q.numpy(), np.int8),
+             init("ws", w_scale.numpy(), np.float32), init("wz", np.zeros(w_q.shape[0]), np.int8),
+             init("b", bias_q.numpy(), np.int32), init("ys", s_y, np.float32), init("yz", z_y, np.uint8)]
+    if op == "QLinearConv":
+        node = helper.make_node(op, ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"], ["y"],
+                                kernel_shape=list(w_q.shape[2:]), **attrs)
+    else:
+        node = helper.make_node(op, ["x", "xs", "xz", "w", "ws", "wz", "b", "ys", "yz"], ["y"],
+                                domain="com.microsoft", transB=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _run_onnx(model, x_q):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"x": x_q.numpy()})[0])
+
+
+@pytest.mark.parametrize("case", [
+    ("conv", 1, 16, 1, 1), ("conv", 16, 32, 2, 1), ("conv", 3, 8, 1, 0), ("conv", 5, 8, 2, 1),
+    ("linear", 64, 10, 5, 0), ("linear", 1024, 10, 1, 0), ("linear", 33, 5, 3, 0)])
+def test_mlas_accumulators_equal_onnxruntime(case):
+    # inputs near 255 and weights of magnitude 60..127: many u8 x s8 pair sums leave int16. ORT's
+    # QLinearConv / QGemm equal ours with the pair saturation of this CPU's MLAS kernel, and (where that
+    # kernel saturates) differ from the exact int32 sum
+    pytest.importorskip("onnxruntime")
+    kernel = I.mlas_u8s8_kernel()
+    if kernel == "other":
+        pytest.skip("a CPU whose MLAS kernel is not reproduced here")
+    saturates = kernel in I.MLAS_SATURATING
+    op, c, o, third, pad = case
+    g = torch.Generator().manual_seed(c * 100 + o)
+    shape = (2, c, 9, 9) if op == "conv" else (third, c)
+    wshape = (o, c, 3, 3) if op == "conv" else (o, c)
+    x_q = torch.randint(200, 256, shape, dtype=torch.uint8, generator=g)
+    sign = torch.where(torch.rand(wshape, generator=g) < 0.5, 1, -1)
+    w_q = (torch.randint(60, 128, wshape, generator=g) * sign).to(torch.int8)
+    w_scale = torch.rand(o, generator=g) * 0.01 + 0.001
+    s_x, z_x, z_y = 0.02, 3, 128
+    bias_q = torch.randint(-1000, 1000, (o,), dtype=torch.int32, generator=g)
+    if op == "conv":
+        def acc_fn(sat):
+            return I.accumulate_conv2d_mlas(x_q, w_q, x_zero_point=z_x, stride=third, padding=pad, saturate=sat)
+    else:
+        def acc_fn(sat):
+            return I.accumulate_linear_mlas(x_q, w_q, x_zero_point=z_x, saturate=sat)
+    exact = acc_fn(False)
+    s_y = float(s_x * w_scale.mean() * exact.float().std() / 40)
+    if op == "conv":
+        model = _onnx_qlinear("QLinearConv", w_q, w_scale, bias_q, s_x, z_x, s_y, z_y, strides=[third, third],
+                              pads=[pad] * 4)
+    else:
+        model = _onnx_qlinear("QGemm", w_q, w_scale, bias_q, s_x, z_x, s_y, z_y)
+    ref = _run_onnx(model, x_q)
+    m = I.xnnpack_multiplier(s_x, w_scale, s_y)
+
+    def out(acc):
+        return I.requantize(acc + I._channel_view(bias_q, acc.dim()), m, z_y, 0, 255)
+
+    assert torch.equal(out(acc_fn(saturates)), ref), (kernel, I.step_differences(out(acc_fn(saturates)), ref))
+    assert torch.equal(acc_fn(None), acc_fn(saturates))
+    if saturates:
+        assert not torch.equal(out(exact), ref)      # the case does exercise the saturation
+
+
 def gemmlowp_scalar(acc, m0, shift, zp, lo, hi):
     """gemmlowp's MultiplyByQuantizedMultiplierSmallerThanOne, transcribed on Python ints."""
     prod = acc * m0
