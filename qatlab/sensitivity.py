@@ -717,21 +717,21 @@ def plot_sharpness(curves, limits, ax=None, title="sharpness of the loss and the
 
     ``curves[label] = {step: λ_max}`` (non-finite values are left out);
     ``limits[lr] = 2 (1 + β) / lr`` (:func:`stable_lr_limit` solved for λ), drawn
-    as dashed lines: a curve above a line means SGD at that learning rate is
-    unstable there. Log y axis. Taught in 06_when_qat_pays_off.
+    as horizontal lines named in the legend: a curve above a line means SGD at that
+    learning rate is unstable there (on a quadratic). Log y axis. Taught in 06_when_qat_pays_off.
     """
     ax = _axes(ax)
-    right = max(t for pts in curves.values() for t in pts)
     for i, (label, pts) in enumerate(curves.items()):
         steps = [t for t in sorted(pts) if math.isfinite(pts[t])]
         ax.plot(steps, [pts[t] for t in steps], marker="o", label=label, color=f"C{i}")
-    for lr in sorted(limits):
-        ax.axhline(limits[lr], color="0.4", linestyle="--", linewidth=1)
-        ax.text(right, limits[lr], f" lr {lr:g}", va="center", fontsize=7)
+    styles = ["--", ":", "-."]
+    for j, lr in enumerate(sorted(limits)):
+        ax.axhline(limits[lr], color="0.4", linestyle=styles[j % 3], linewidth=1,
+                   label=f"stability limit of lr {lr:g}")
     ax.set_xticks(sorted({t for pts in curves.values() for t in pts}))
     ax.set_yscale("log")
     ax.set(xlabel="training step", ylabel="largest Hessian eigenvalue (log)", title=title)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.12, 1.0), title="dashed: stability limit", title_fontsize=7)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ax
 
 
