@@ -373,8 +373,11 @@ def show_fold_layer(model, layer=0):
 
 
 def explore_fold_layers(model):
-    """The ipywidgets view of 03_fusion: a layer slider over :func:`show_fold_layer`."""
-    from ipywidgets import IntSlider, fixed, interact
+    """The ipywidgets view of 03_fusion: a layer slider over :func:`show_fold_layer`
+    (:func:`qatlab.interactive.interact`: drawn once for layer 0 in a headless run)."""
+    from ipywidgets import IntSlider, fixed
+
+    from .interactive import interact
 
     interact(show_fold_layer, model=fixed(model),
              layer=IntSlider(value=0, min=0, max=len(conv_bn_pairs(model)) - 1, description="layer"))

@@ -512,8 +512,11 @@ def show_fake_quant(bits=4, min_val=-1.0, max_val=1.0, symmetric=False):
 
 
 def explore_fake_quant(bits=4, min_val=-0.5, max_val=1.5, symmetric=False):
-    """An ipywidgets explorer over :func:`show_fake_quant`: bits, range, symmetric toggle."""
-    from ipywidgets import Checkbox, FloatSlider, IntSlider, interact
+    """An ipywidgets explorer over :func:`show_fake_quant`: bits, range, symmetric toggle
+    (:func:`qatlab.interactive.interact`: drawn once at the start values in a headless run)."""
+    from ipywidgets import Checkbox, FloatSlider, IntSlider
+
+    from .interactive import interact
 
     interact(show_fake_quant,
              bits=IntSlider(value=bits, min=2, max=8, description="bits"),

@@ -98,7 +98,7 @@ def reap_kernels():
     return [p.pid for p in procs]
 
 
-def execute(notebook, out_dir, parameters, cell_timeout=None, notebook_timeout=None):
+def execute(notebook, out_dir, parameters, cell_timeout=None, notebook_timeout=None, headless=True):
     """Execute ``notebook`` with papermill into ``out_dir``; return ``(path, seconds)``.
 
     Every cell gets at most ``cell_timeout`` seconds and the whole notebook at most
@@ -107,6 +107,9 @@ def execute(notebook, out_dir, parameters, cell_timeout=None, notebook_timeout=N
     partly executed notebook is still written to ``out_dir``: its cell metadata
     (``execution.iopub.status.busy``, ``shell.execute_reply``) tells whether the kernel had
     started, finished or replied to the cell it stopped in.
+
+    ``headless`` sets ``QATLAB_HEADLESS=1`` for the kernel: explorers draw once instead of
+    opening widgets nobody sees (:func:`qatlab.interactive.interact`).
     """
     import nbformat
     import papermill as pm
@@ -124,6 +127,11 @@ def execute(notebook, out_dir, parameters, cell_timeout=None, notebook_timeout=N
         current["limit"] = ("cell", cell_limit) if cell_limit <= left else ("notebook", nb_limit)
         return max(1, int(min(cell_limit, left)))
 
+    saved = os.environ.get("QATLAB_HEADLESS")
+    if headless:
+        os.environ["QATLAB_HEADLESS"] = "1"
+    else:
+        os.environ.pop("QATLAB_HEADLESS", None)
     try:
         # the kernel's own log stays quiet (it warns at every start that its local TCP traffic is
         # unencrypted); errors in cells still reach the notebook and fail the run
@@ -142,6 +150,10 @@ def execute(notebook, out_dir, parameters, cell_timeout=None, notebook_timeout=N
             f"{notebook.name}: cell {index} did not finish within the {kind} limit of {limit:g} s "
             f"({type(e).__name__}); its kernel was shut down. Partial output: {out}") from e
     finally:
+        if saved is None:
+            os.environ.pop("QATLAB_HEADLESS", None)
+        else:
+            os.environ["QATLAB_HEADLESS"] = saved
         left = reap_kernels()
         if left:
             print(f"    killed {len(left)} kernel process(es) left behind: {left}", file=sys.stderr)

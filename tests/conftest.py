@@ -55,6 +55,12 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: 0 if "test_nb00_papermill" in item.nodeid else 1)
 
 
+def pytest_configure(config):
+    """Kernels that nbval and papermill start here are headless: no front end draws widgets
+    (qatlab.interactive draws each explorer once instead). The browser test unsets it."""
+    os.environ["QATLAB_HEADLESS"] = "1"
+
+
 # --- nbval: the same time limits as `make run` (qatlab.runner.time_limits) ------------------------
 
 _nbval_started = {}

@@ -123,6 +123,7 @@ def jupyter_lab(scratch, build):
                JUPYTER_CONFIG_DIR=str(scratch / "config"),
                IPYTHONDIR=str(scratch / "ipython"),
                MPLCONFIGDIR=str(scratch / "mpl"))
+    env.pop("QATLAB_HEADLESS", None)  # a person's JupyterLab: live widgets (qatlab.interactive)
     jupyter = Path(sys.executable).parent / "jupyter"
     cmd = [str(jupyter), "lab", "--no-browser", f"--ServerApp.token={token}", f"--ServerApp.port={port}",
            "--ServerApp.ip=127.0.0.1", "--ServerApp.port_retries=0", "--allow-root",
