@@ -187,6 +187,25 @@ def broadcast_state(model, d, src=0):
     return model
 
 
+def wrap_ddp(model, cfg, d):
+    """``DistributedDataParallel(model)`` with ``cfg.forward_sync_buffers``. Taught in 08_qat_at_scale.
+
+    torch 2.13 renamed ``broadcast_buffers`` to ``forward_sync_buffers``. Both copy rank 0's
+    buffers to every rank at the start of each forward when ``True``. With ``False`` the new
+    flag still copies them once, when DDP wraps the model; the old one skipped that copy too.
+    Here that copy is harmless: the ranks' buffers are equal before training, and a resumed
+    rank loads its own state *after* wrapping.
+    """
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+        else "broadcast_buffers"
+    return DDP(model, device_ids=[d.local_rank] if d.device.startswith("cuda") else None,
+               **{name: cfg.forward_sync_buffers})
+
+
 # --- state: RNG, digests, scales ------------------------------------------------------------
 
 def capture_rng():

@@ -70,7 +70,6 @@ Files in ``--out`` (written by rank 0, atomically):
 """
 
 import argparse
-import contextlib
 import copy
 import hashlib
 import json
@@ -80,6 +79,23 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
+from .checkpoint import (  # noqa: F401  (part of this module's API since notebook 08)
+    FORMAT,
+    checkpoint_differences,
+    checkpoint_path,
+    cpu_state_dict,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .conversion import (  # noqa: F401
+    convert_int8,
+    export_pte,
+    load_int8_model,
+    prepare_pt2e,
+    ptq_int8,
+    quiet_eager_api,
+    save_int8_model,
+)
 from .distributed import (
     _env_world_size,
     broadcast_state,
@@ -89,13 +105,19 @@ from .distributed import (
     max_rel_diff,
     restore_rng,
     state_digest,
+    wrap_ddp,  # noqa: F401
 )
+from .recipe import QATRecipe, fake_quant_modules, freeze_state, restore_freeze_state  # noqa: F401
+from .scaling import combine_scaling, measure_scaling  # noqa: F401
+from .user_spec import SpecError, is_spec
 
-FORMAT = "qatlab.train_qat/1"
 # settings that must match for --resume to continue the same run (``steps`` may grow)
-RECIPE_KEYS = ("model", "dataset", "api", "global_batch_size", "lr", "momentum", "weight_bits",
-               "activation_bits", "freeze_bn_at", "freeze_observers_at", "seed",
+RECIPE_KEYS = ("model", "data", "init", "dataset", "api", "global_batch_size", "lr", "momentum", "weight_bits",
+               "activation_bits", "freeze_bn_at", "freeze_observers_at", "bn_freeze_lr_factor", "seed",
                "forward_sync_buffers", "augment_shift", "sync_bn")
+# image shape of each qatlab dataset; the built-in baselines are trained on 1x28x28
+DATASET_SHAPES = {"mnist5k": (1, 28, 28), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28),
+                  "digits": (1, 8, 8), "cifar10": (3, 32, 32)}
 
 
 def _never_or_int(text):
@@ -130,7 +152,9 @@ class Config:
 
     model: str = "smallcnn"
     dataset: str = "mnist5k"
-    api: str = "eager"
+    api: str = "auto"
+    data: str = ""
+    init: str = ""
     steps: int = 40
     global_batch_size: int = 64
     lr: float = 0.01
@@ -139,6 +163,7 @@ class Config:
     activation_bits: int = 8
     freeze_bn_at: int | None = None
     freeze_observers_at: int | None = None
+    bn_freeze_lr_factor: float = 0.1
     seed: int = 0
     forward_sync_buffers: bool = True
     sync_bn: bool = False
@@ -153,22 +178,57 @@ class Config:
     log_every: int = 10
     progress: bool = True
     timeout: float = 600.0
+    device: str = "auto"
+    amp: bool = False
+    calib_batches: int = 8
+    pte: bool = True
+
+    @property
+    def user_model(self):
+        """Whether ``--model`` names your callable (``MODULE:CALLABLE``) rather than a built-in baseline."""
+        return is_spec(self.model)
 
     def __post_init__(self):
         from .baseline import RECIPES
         from .data import DATASETS
         from .qat import BITS_MAX, BITS_MIN
 
-        if self.model not in RECIPES:
-            raise ValueError(f"--model must be one of {', '.join(RECIPES)}, got {self.model!r}")
+        if not isinstance(self.model, str) or not (self.user_model or self.model in RECIPES):
+            raise ValueError(f"--model must be one of {', '.join(RECIPES)} or MODULE:CALLABLE (your model), "
+                             f"got {self.model!r}")
+        if self.api == "auto":
+            object.__setattr__(self, "api", "pt2e" if self.user_model else "eager")
+        if self.api not in ("eager", "pt2e"):
+            raise ValueError(f"--api must be auto, eager or pt2e, got {self.api!r}")
         if self.model == "tinyvit":
             raise ValueError("--model tinyvit has no conv-BN blocks and no QuantStub, so the eager "
                              "recipe cannot prepare it; use smallcnn or tinymobilenet")
-        if self.api not in ("eager", "pt2e"):
-            raise ValueError(f"--api must be eager or pt2e, got {self.api!r}")
-        if self.dataset not in DATASETS:
-            raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
-        for name in ("steps", "global_batch_size", "log_every", "scaling_steps"):
+        if self.user_model:
+            if not self.data:
+                raise ValueError(f"--model {self.model} (your model) needs --data MODULE:CALLABLE returning "
+                                 f"(train_dataset, test_dataset)")
+            if not is_spec(self.data):
+                raise ValueError(f"--data must be MODULE:CALLABLE, got {self.data!r}")
+        else:
+            if self.data or self.init:
+                raise ValueError(f"--data and --init go with your own --model MODULE:CALLABLE; the built-in "
+                                 f"{self.model} baseline uses --dataset (got --data {self.data!r} --init "
+                                 f"{self.init!r})")
+            if self.dataset not in DATASETS:
+                raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+            shape, want = DATASET_SHAPES.get(self.dataset), DATASET_SHAPES[RECIPES[self.model]["dataset"]]
+            if shape != want:
+                dims = "x".join(map(str, shape)) if shape else "other"
+                raise ValueError(f"--dataset {self.dataset} has {dims} images, but the {self.model} baseline "
+                                 f"was trained on {'x'.join(map(str, want))} {RECIPES[self.model]['dataset']} "
+                                 f"images; to train on {self.dataset}, bring your model and data: "
+                                 f"--model MODULE:CALLABLE --data MODULE:CALLABLE")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        f = self.bn_freeze_lr_factor
+        if isinstance(f, bool) or not isinstance(f, int | float) or not (math.isfinite(f) and 0 < f <= 1):
+            raise ValueError(f"--bn-freeze-lr-factor must be in (0, 1] (1 = no drop), got {f!r}")
+        for name in ("steps", "global_batch_size", "log_every", "scaling_steps", "calib_batches"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {v!r}")
@@ -199,10 +259,6 @@ class Config:
             if (self.weight_bits, self.activation_bits) != (8, 8):
                 raise ValueError(f"--api pt2e uses XNNPACK's 8-bit QAT config; got --weight-bits "
                                  f"{self.weight_bits} --activation-bits {self.activation_bits}")
-            if self.freeze_bn_at is not None:
-                raise ValueError(f"--api pt2e cannot freeze BN statistics during training (got --freeze-bn-at "
-                                 f"{self.freeze_bn_at}); the exported graph has no freeze_bn_stats: use "
-                                 f"--freeze-bn-at never")
             if self.sync_bn:
                 raise ValueError("--sync-bn needs the eager API: an exported graph's BatchNorm is an "
                                  "operator, not a module that convert_sync_batchnorm can replace")
@@ -218,6 +274,12 @@ class Config:
         """What ``--resume`` checks: the settings that define the run, plus the world size."""
         return {**{k: getattr(self, k) for k in RECIPE_KEYS}, "world_size": world_size}
 
+    def qat_recipe(self):
+        """The :class:`qatlab.recipe.QATRecipe` this run follows (SGD with ``--momentum``)."""
+        return QATRecipe(steps=self.steps, lr=self.lr, optimizer="sgd", momentum=self.momentum,
+                         freeze_observers_at=self.freeze_observers_at, freeze_bn_at=self.freeze_bn_at,
+                         bn_freeze_lr_factor=self.bn_freeze_lr_factor)
+
 
 def build_parser():
     """The argparse parser of ``python -m qatlab.train_qat`` (see ``--help``).
@@ -226,29 +288,44 @@ def build_parser():
     """
     p = argparse.ArgumentParser(
         prog="python -m qatlab.train_qat",
-        description="Quantization-aware training (eager torch.ao recipe) of a qatlab baseline, on one "
-                    "process or under torchrun with DistributedDataParallel; writes a checkpoint, the "
-                    "converted int8 model and metrics.json. Taught in notebook 08_qat_at_scale.",
-        epilog="Examples: python -m qatlab.train_qat --steps 200 | torchrun --standalone "
-               "--nproc_per_node=2 -m qatlab.train_qat --steps 200 --checkpoint-every 50")
+        description="Quantization-aware training with the course's recipe (qatlab.recipe.QATRecipe) of a "
+                    "qatlab baseline or of your own model and data, on one process or under torchrun with "
+                    "DistributedDataParallel; writes a checkpoint, the converted int8 model, an XNNPACK .pte "
+                    "(PT2E) and metrics.json. Taught in notebook 08_qat_at_scale.",
+        epilog="Examples: python -m qatlab.train_qat --steps 200 | python -m qatlab.train_qat --model "
+               "my_model.py:resnet20 --data my_model.py:cifar10 --init fp32.pt --out runs/r20 | torchrun "
+               "--standalone --nproc_per_node=2 -m qatlab.train_qat --steps 200 --checkpoint-every 50")
     # the defaults without validating them: Config() would import torch, and --help needs none of it
     d = argparse.Namespace(**{f.name: f.default for f in fields(Config)})
-    p.add_argument("--model", default=d.model, help="baseline to quantize: smallcnn or tinymobilenet "
-                   "(default: %(default)s; trained first if its checkpoint is missing)")
-    p.add_argument("--dataset", default=d.dataset, help="qatlab dataset (default: %(default)s, offline)")
-    p.add_argument("--api", default=d.api, choices=("eager", "pt2e"),
-                   help="eager: torch.ao prepare_qat/convert (default); pt2e: torch.export + "
-                        "prepare_qat_pt2e with XNNPACKQuantizer + convert_pt2e")
+    p.add_argument("--model", default=d.model, metavar="NAME|MODULE:CALLABLE",
+                   help="a built-in baseline, smallcnn or tinymobilenet (default: %(default)s; trained first if "
+                        "its checkpoint is missing), or your model: MODULE (a module name or a .py file) and "
+                        "a CALLABLE in it that returns an nn.Module")
+    p.add_argument("--data", default=d.data, metavar="MODULE:CALLABLE",
+                   help="your data, with your --model: CALLABLE returns (train_dataset, test_dataset) of "
+                        "(input, label) pairs; the export's input shape is read from the first input")
+    p.add_argument("--init", default=d.init, metavar="FILE",
+                   help="fp32 weights for your --model: a state dict (or {'state_dict': ...}), loaded with "
+                        "weights_only=True (default: the weights the callable returns)")
+    p.add_argument("--dataset", default=d.dataset,
+                   help="qatlab dataset of a built-in model (default: %(default)s, offline)")
+    p.add_argument("--api", default=d.api, choices=("auto", "eager", "pt2e"),
+                   help="pt2e: torch.export + prepare_qat_pt2e with XNNPACKQuantizer + convert_pt2e + .pte; "
+                        "eager: torch.ao prepare_qat/convert (needs a fuse_model method and QuantStubs); "
+                        "auto (default): pt2e for your model, eager for a built-in one")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in total (default: %(default)s)")
     p.add_argument("--global-batch-size", type=int, default=d.global_batch_size,
                    help="images per step over all processes; each gets 1/world_size (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help="SGD learning rate (default: %(default)s = 1x the course baselines' fp32 peak)")
     p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default: %(default)s)")
     p.add_argument("--weight-bits", type=int, default=d.weight_bits, help="default: %(default)s")
     p.add_argument("--activation-bits", type=int, default=d.activation_bits, help="default: %(default)s")
     p.add_argument("--freeze-bn-at", type=_never_or_int, default=_DEFAULT, metavar="STEP",
-                   help="freeze BN statistics from this step on, or 'never' (default: half of --steps; "
-                        "never with --api pt2e)")
+                   help="freeze BN statistics from this step on, or 'never' (default: half of --steps)")
+    p.add_argument("--bn-freeze-lr-factor", type=float, default=d.bn_freeze_lr_factor, metavar="F",
+                   help="multiply the learning rate by F from the BN freeze on; 1 = no drop "
+                        "(default: %(default)s, notebook 06)")
     p.add_argument("--freeze-observers-at", type=_never_or_int, default=_DEFAULT, metavar="STEP",
                    help="freeze observers (scale, zero-point) from this step on, or 'never' "
                         "(default: three quarters of --steps)")
@@ -282,6 +359,15 @@ def build_parser():
                    help="process-group backend (default: auto = nccl with CUDA, else gloo)")
     p.add_argument("--log-every", type=int, default=d.log_every, help="log every N steps (default: %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"),
+                   help="where to train (default: auto = cuda when present, else cpu); the int8 model is "
+                        "converted and exported on the CPU")
+    p.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast for the training forward on CUDA (fake-quantizers run in float32)")
+    p.add_argument("--calib-batches", type=int, default=d.calib_batches, metavar="N",
+                   help="training batches that calibrate the PTQ comparison model (default: %(default)s)")
+    p.add_argument("--no-pte", dest="pte", action="store_false",
+                   help="do not write the ExecuTorch .pte (pt2e only)")
     p.add_argument("--timeout", type=float, default=d.timeout,
                    help="seconds a collective may wait for another rank (default: %(default)s)")
     return p
@@ -296,10 +382,10 @@ def parse_args(argv=None, world_size=None):
     ns = parser.parse_args(argv)
     world_size = _env_world_size() if world_size is None else world_size
     values = vars(ns)
-    if values["freeze_bn_at"] is _DEFAULT:
-        values["freeze_bn_at"] = values["steps"] // 2 if values["api"] == "eager" else None
-    if values["freeze_observers_at"] is _DEFAULT:
-        values["freeze_observers_at"] = 3 * values["steps"] // 4
+    auto = QATRecipe(steps=values["steps"]) if isinstance(values["steps"], int) and values["steps"] > 0 else None
+    for name in ("freeze_bn_at", "freeze_observers_at"):
+        if values[name] is _DEFAULT:  # the recipe's default, a fraction of --steps
+            values[name] = getattr(auto, name) if auto is not None else None
     try:
         cfg = Config(**values)
         cfg.per_rank_batch(world_size)
@@ -312,15 +398,6 @@ def parse_args(argv=None, world_size=None):
     except ValueError as e:
         parser.error(str(e))
     return cfg
-
-
-def fake_quant_modules(model):
-    """``[(name, module)]`` of every FakeQuantize (activations and weights), in module order.
-
-    Taught in 08_qat_at_scale.
-    """
-    return [(n, m) for n, m in model.named_modules()
-            if hasattr(m, "observer_enabled") and hasattr(m, "scale") and hasattr(m, "disable_observer")]
 
 
 def scale_vector(model):
@@ -349,18 +426,51 @@ def scale_layout(model):
 
 # --- model and data -------------------------------------------------------------------------
 
-def build_qat_model(cfg, rank=0, distributed=False, input_shape=None):
-    """The baseline ``cfg.model`` prepared for QAT (train mode): eager or PT2E (``cfg.api``).
+@dataclass
+class RunData:
+    """What a run trains and tests on: ``train_set`` yields ``(input, label, index)`` (the index
+    records the data order), ``test_set`` ``(input, label)``; ``input_shape`` is one input's shape."""
 
-    Rank 0 loads (or, when missing, trains and saves) the baseline first; the other ranks
-    wait at a barrier and then load the saved file, so it is trained once. ``input_shape``
-    (C, H, W) of the data must be the one the baseline was trained on.
+    train_set: object
+    test_set: object
+    input_shape: tuple
+    name: str
 
-    Taught in 08_qat_at_scale.
+
+def load_run_data(cfg):
+    """The run's :class:`RunData`: ``--data MODULE:CALLABLE`` (checked, see :mod:`qatlab.user_spec`) or
+    the qatlab ``--dataset``. Taught in 08_qat_at_scale."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from .user_spec import IndexedDataset, load_user_data
+
+    if cfg.user_model:
+        train, test, shape = load_user_data(cfg.data)
+        return RunData(IndexedDataset(train), test, tuple(shape), cfg.data)
+    from .data import load_dataset
+
+    data = load_dataset(cfg.dataset)
+    return RunData(TensorDataset(data.x_train, data.y_train, torch.arange(len(data.y_train))),
+                   TensorDataset(data.x_test, data.y_test), tuple(data.input_shape), cfg.dataset)
+
+
+def load_fp32_model(cfg, rank=0, distributed=False, input_shape=None):
+    """The fp32 model a run starts from (CPU, eval): your ``--model`` (with ``--init``) or a baseline.
+
+    Your model is called once on a batch of 2 zero inputs of ``input_shape``, so a shape it
+    refuses is reported naming ``--model`` and ``--data`` before anything is trained. A
+    baseline is loaded by rank 0 first (or, when missing, trained and saved); the other ranks
+    wait at a barrier and then load the saved file, so it is trained once. Taught in 08_qat_at_scale.
     """
     from .baseline import load_baseline
-    from .qat import make_qconfig, prepare_eager_qat
+    from .user_spec import check_model_accepts, load_user_model
 
+    if cfg.user_model:
+        model = load_user_model(cfg.model, cfg.init or None)
+        if input_shape is not None:
+            check_model_accepts(model, input_shape, cfg.model, cfg.data)
+        return model
     if distributed:
         import torch.distributed as dist
 
@@ -375,48 +485,80 @@ def build_qat_model(cfg, rank=0, distributed=False, input_shape=None):
     if input_shape is not None and tuple(input_shape) != want:
         raise ValueError(f"--dataset {cfg.dataset} has images {tuple(input_shape)}, but the "
                          f"{cfg.model} baseline was trained on {want}")
+    model.input_shape = want
+    return model
+
+
+def build_qat_model(cfg, rank=0, distributed=False, input_shape=None, fp32=None):
+    """``fp32`` (default: :func:`load_fp32_model`) prepared for QAT, in train mode, on the CPU.
+
+    ``--api eager``: :func:`qatlab.qat.prepare_eager_qat` with
+    :func:`qatlab.qat.make_qconfig` ``(weight_bits, activation_bits)`` (the model needs
+    ``fuse_model`` and QuantStubs); ``--api pt2e``: :func:`qatlab.conversion.prepare_pt2e`
+    (``torch.export`` and ``prepare_qat_pt2e`` with XNNPACK's QAT config). ``fp32`` itself is
+    prepared in place. Taught in 08_qat_at_scale.
+    """
+    from .qat import make_qconfig, prepare_eager_qat
+
+    model = fp32 if fp32 is not None else load_fp32_model(cfg, rank, distributed, input_shape)
+    shape = tuple(input_shape) if input_shape is not None else getattr(model, "input_shape", None)
     if cfg.api == "pt2e":
-        return _prepare_pt2e(model.train(), want)
-    with _quiet_eager_api():
+        if shape is None:
+            raise ValueError("build_qat_model(api='pt2e') needs input_shape (one input, no batch dimension)")
+        return prepare_pt2e(model.train(), shape)
+    if cfg.user_model and not hasattr(model, "fuse_model"):
+        from .user_spec import SpecTypeError
+
+        raise SpecTypeError(f"--api eager needs --model {cfg.model!r} to have a fuse_model(is_qat) method and "
+                            f"QuantStub / DeQuantStub around its float part (torch.ao's eager API); it is a "
+                            f"{type(model).__name__} without fuse_model: use --api pt2e")
+    with quiet_eager_api():
         prepare_eager_qat(model.train(), make_qconfig(cfg.weight_bits, cfg.activation_bits))
     return model
 
 
-def _prepare_pt2e(model, input_shape):
-    """``torch.export`` (batch dimension dynamic) → ``prepare_qat_pt2e`` with XNNPACK's QAT config.
+def resolve_device(cfg, d):
+    """Set ``d.device`` from ``--device`` (``auto``: what :func:`qatlab.distributed.init_distributed`
+    chose, cuda when present); check ``--amp``. Returns ``d``. Taught in 08_qat_at_scale."""
+    import torch
 
-    The same steps as notebook 04; the result takes ``.train()`` / ``.eval()``
-    (:func:`qatlab.qat.allow_train_eval`).
+    if cfg.device == "cpu":
+        if d.backend == "nccl":
+            raise ValueError("--device cpu cannot use the nccl backend: add --backend gloo")
+        d.device = "cpu"
+    elif cfg.device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: torch sees no CUDA device on this machine (use --device cpu)")
+        if not d.device.startswith("cuda"):
+            torch.cuda.set_device(d.local_rank)
+            d.device = f"cuda:{d.local_rank}"
+    if cfg.amp and not d.device.startswith("cuda"):
+        raise ValueError(f"--amp (bfloat16 autocast) is for CUDA; this run trains on {d.device}")
+    return d
+
+
+def autocast(device, enabled):
+    """``torch.autocast`` in bfloat16 for ``device`` when ``enabled``, else a no-op context.
+
+    Used with :func:`keep_fake_quant_fp32`: matmuls and convolutions run in bfloat16, the
+    fake-quantizers (observers, scale, rounding) in float32. Taught in 08_qat_at_scale.
     """
     import torch
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer,
-        get_symmetric_quantization_config,
-    )
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    from .qat import allow_train_eval
-
-    example = (torch.zeros(2, *input_shape),)  # zeros: exporting draws no random numbers
-    exported = torch.export.export(model, example, dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_qat=True))
-    prepared = allow_train_eval(prepare_qat_pt2e(exported, quantizer))
-    prepared.input_shape = tuple(input_shape)
-    return prepared.train()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
 
 
-@contextlib.contextmanager
-def _quiet_eager_api():
-    """torch.ao's eager API warns that it is deprecated on every call (shown once in notebook 04)."""
-    import warnings
+def keep_fake_quant_fp32(model):
+    """Cast every fake-quantizer's input to float32 (forward pre-hooks); return the hook handles.
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*")
-        warnings.filterwarnings("ignore", message=".*must run observer before calling calculate_qparams.*")
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-        yield
+    Under autocast a conv's output is bfloat16, whose 8 significant bits would move the
+    observers' min/max and the rounding of ``x / scale`` off the float32 grid that
+    ``convert`` uses. Taught in 08_qat_at_scale.
+    """
+    def to_fp32(module, args):
+        return tuple(a.float() if hasattr(a, "is_floating_point") and a.is_floating_point() else a for a in args)
+
+    return [m.register_forward_pre_hook(to_fp32) for _, m in fake_quant_modules(model)]
 
 
 def shift_images(x, pixels):
@@ -452,184 +594,6 @@ class _SkipSampler:
         return max(0, len(self.sampler) - self.skip)
 
 
-# --- checkpoints ----------------------------------------------------------------------------
-
-def checkpoint_path(out):
-    """``<out>/checkpoint.pt``: where a run in ``out`` checkpoints and resumes. Taught in 08_qat_at_scale."""
-    from pathlib import Path
-
-    return Path(out) / "checkpoint.pt"
-
-
-def save_checkpoint(path, *, step, recipe, optimizer, freeze, rank_states):
-    """Write the training state atomically (:func:`qatlab.files.atomic_path`): all or nothing.
-
-    Taught in 08_qat_at_scale.
-    """
-    import torch
-
-    from .files import atomic_path
-
-    payload = {"format": FORMAT, "step": step, "recipe": recipe, "optimizer": optimizer,
-               "freeze": freeze, "ranks": rank_states}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return path
-
-
-def load_checkpoint(path, recipe=None):
-    """Load a checkpoint with ``weights_only=True``; check it continues the run ``recipe`` describes.
-
-    A checkpoint from another run (other model, batch, schedule, seed or world size) raises
-    ``ValueError`` naming every setting that differs.
-
-    Taught in 08_qat_at_scale.
-    """
-    import torch
-
-    ckpt = torch.load(path, weights_only=True, map_location="cpu")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a qatlab.train_qat checkpoint (format {ckpt.get('format')!r})"
-                         if isinstance(ckpt, dict) else f"{path} is not a qatlab.train_qat checkpoint")
-    if recipe is not None:
-        diff = {k: (ckpt["recipe"].get(k), v) for k, v in recipe.items() if ckpt["recipe"].get(k) != v}
-        if diff:
-            what = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"cannot resume from {path}: it belongs to another run ({what})")
-    return ckpt
-
-
-def cpu_state_dict(model):
-    """A CPU copy of ``model.state_dict()`` that keeps its ``_metadata`` (each module's version).
-
-    Without it, ``load_state_dict`` takes the state for an old version: torchao's observers,
-    for one, then reset their ``eps`` to the float32 default (PT2E's XNNPACK config sets
-    ``2**-12``), and the resumed state is no longer the saved one. Taught in 08_qat_at_scale.
-    """
-    from collections import OrderedDict
-
-    state = model.state_dict()
-    out = OrderedDict((k, v.detach().cpu().clone()) for k, v in state.items())
-    out._metadata = copy.deepcopy(getattr(state, "_metadata", OrderedDict()))
-    return out
-
-
-def freeze_state(model):
-    """``{"observers_frozen", "bn_frozen"}`` of a prepared eager QAT model, read from its modules.
-
-    Taught in 08_qat_at_scale.
-    """
-    fqs = [m for _, m in fake_quant_modules(model)]
-    bns = [m for m in model.modules() if hasattr(m, "freeze_bn")]
-    return {"observers_frozen": bool(fqs) and all(int(m.observer_enabled[0]) == 0 for m in fqs),
-            "bn_frozen": bool(bns) and all(m.freeze_bn for m in bns)}
-
-
-def restore_freeze_state(model, freeze):
-    """Re-apply a saved freeze state after ``load_state_dict``.
-
-    The observers' on/off switch is a buffer (``observer_enabled``), so ``load_state_dict``
-    restores it. A fused ConvBn's ``freeze_bn`` is a plain attribute, not in the state dict:
-    without this call a resumed run would update BN statistics that the original had frozen.
-    Taught in 08_qat_at_scale.
-    """
-    from torch.ao.nn.intrinsic.qat import freeze_bn_stats
-
-    if freeze["observers_frozen"]:
-        for _, m in fake_quant_modules(model):  # torch.ao's and torchao's (PT2E) FakeQuantize
-            m.disable_observer()
-    if freeze["bn_frozen"]:
-        model.apply(freeze_bn_stats)
-    return model
-
-
-# --- convert and ship -----------------------------------------------------------------------
-
-def convert_int8(model):
-    """A converted (int8, CPU) copy of a QAT model; ``model`` itself is left as it is.
-
-    Eager: ``torch.ao.quantization.convert``. PT2E (a ``GraphModule``):
-    ``move_exported_model_to_eval`` then ``convert_pt2e``.
-
-    Taught in 08_qat_at_scale.
-    """
-    import torch
-
-    m = copy.deepcopy(model).cpu()
-    if isinstance(m, torch.fx.GraphModule):
-        from torchao.quantization.pt2e import move_exported_model_to_eval
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
-
-        from .qat import allow_train_eval
-
-        m = move_exported_model_to_eval(m)
-        m.training = False
-        converted = allow_train_eval(convert_pt2e(m)).eval()
-        converted.input_shape = model.input_shape  # a deepcopy of a GraphModule drops extra attributes
-        return converted
-    from torch.ao.quantization import convert
-
-    with _quiet_eager_api():
-        return convert(m.eval())
-
-
-def save_int8_model(model, path, meta):
-    """Write a converted model atomically: eager → ``state_dict`` + ``meta`` (``.pt``);
-    PT2E → a re-exported ``ExportedProgram`` (``.pt2``). Returns the path written.
-
-    Taught in 08_qat_at_scale.
-    """
-    import io
-    from pathlib import Path
-
-    import torch
-
-    from .files import atomic_path
-
-    path = Path(path)
-    if isinstance(model, torch.fx.GraphModule):
-        path = path.with_suffix(".pt2")
-        example = (torch.zeros(2, *model.input_shape),)
-        program = torch.export.export(model, example, dynamic_shapes=({0: torch.export.Dim("batch")},))
-        buffer = io.BytesIO()
-        torch.export.save(program, buffer)  # to memory first: the temporary name is not *.pt2
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(buffer.getvalue())
-        return path
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
-    return path
-
-
-def load_int8_model(path):
-    """The int8 model that ``python -m qatlab.train_qat`` shipped, in eval mode.
-
-    ``model_int8.pt`` (eager): rebuilds the converted module structure from the recorded model
-    name and bit widths and loads the saved ``state_dict`` with ``weights_only=True``.
-    ``model_int8.pt2`` (PT2E): ``torch.export.load``. Taught in 08_qat_at_scale.
-    """
-    import torch
-
-    if str(path).endswith(".pt2"):
-        import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
-
-        return torch.export.load(str(path)).module()
-
-    from .baseline import make_model
-    from .qat import make_qconfig, prepare_eager_qat
-
-    with _quiet_eager_api():
-        saved = torch.load(path, weights_only=True, map_location="cpu")
-        meta = saved["meta"]
-        model = make_model(meta["model"]).train()
-        prepare_eager_qat(model, make_qconfig(meta["weight_bits"], meta["activation_bits"]))
-        # give the observers a shape (then overwritten); zeros, so no random numbers are drawn
-        model(torch.zeros(2, model.in_channels, model.input_size, model.input_size))
-        int8 = convert_int8(model)
-        int8.load_state_dict(saved["state_dict"])
-    return int8.eval()
-
-
 def _write_json(path, obj):
     from .files import atomic_path
 
@@ -644,35 +608,41 @@ def _log(d, *args):
         print("train_qat:", *args, flush=True)
 
 
-def run(cfg, d=None):
+def run(cfg, d=None, ship=True):
     """Train, checkpoint, convert and ship as :data:`cfg` says; return the metrics (rank 0) or ``None``.
 
-    Taught in 08_qat_at_scale.
+    Everything that can be checked before training is checked first (your model and data
+    specs, the input shape, a checkpoint to resume), so a bad run writes nothing. With
+    ``ship=False`` the run stops after its final checkpoint (no conversion, no
+    ``metrics.json``) and returns ``{"step", "loss", "lr"}`` of this rank: what a test of
+    resuming needs, without paying for ``convert_pt2e``. Taught in 08_qat_at_scale.
     """
     import torch
     from torch import nn
-    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+    from torch.utils.data import DataLoader, DistributedSampler
     from tqdm.auto import tqdm
 
-    from .data import load_dataset
     from .files import build_dir
-    from .qat import freeze_schedule, observers_disabled
-    from .training import evaluate, set_seed
+    from .training import set_seed
 
     started = time.perf_counter()
-    d = d or init_distributed(cfg.backend, cfg.timeout)
+    d = resolve_device(cfg, d or init_distributed(cfg.backend, cfg.timeout))
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     out = os.path.abspath(cfg.out) if cfg.out else str(build_dir() / "train_qat")
     per_rank = cfg.per_rank_batch(d.world_size)
     recipe = cfg.recipe(d.world_size)
+    qrecipe = cfg.qat_recipe()
     set_seed(cfg.seed + d.rank)  # RNG per rank; the data order uses cfg.seed on every rank
 
-    data = load_dataset(cfg.dataset)
-    model = build_qat_model(cfg, d.rank, d.distributed, input_shape=data.input_shape)
+    data = load_run_data(cfg)
+    fp32 = load_fp32_model(cfg, d.rank, d.distributed, input_shape=data.input_shape)
+    fp32_copy = copy.deepcopy(fp32) if d.rank == 0 else None  # for the PTQ row
+    model = build_qat_model(cfg, input_shape=data.input_shape, fp32=fp32)
     model.to(d.device)
-    # the third tensor is each image's index, recorded to compare data orders between runs
-    train_set = TensorDataset(data.x_train, data.y_train, torch.arange(len(data.y_train)))
+    if cfg.amp:
+        keep_fake_quant_fp32(model)
+    train_set = data.train_set
     sampler = DistributedSampler(train_set, num_replicas=d.world_size, rank=d.rank, shuffle=True,
                                  seed=cfg.seed)
     steps_per_epoch = len(sampler) // per_rank
@@ -691,11 +661,10 @@ def run(cfg, d=None):
                 raise ValueError(f"--sync-bn: torch says {e!r}. SyncBatchNorm needs CUDA (nccl); on CPU "
                                  "leave it off and freeze BN statistics early (--freeze-bn-at)") from e
             raise
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    schedule = freeze_schedule(freeze_observers_at=cfg.freeze_observers_at, freeze_bn_at=cfg.freeze_bn_at)
+    optimizer = qrecipe.make_optimizer(model.parameters())
 
     # per-rank records, carried in the checkpoint so a resumed run reports the whole run
-    rec = {"loss": [], "indices": [], "scales": [], "step_seconds": [], "cpu_seconds": 0.0}
+    rec = {"loss": [], "indices": [], "scales": [], "step_seconds": [], "cpu_seconds": 0.0, "lr": []}
     start_step, resumed_from = 0, None
     ckpt_file = checkpoint_path(out)
     if cfg.resume and ckpt_file.exists():
@@ -719,9 +688,11 @@ def run(cfg, d=None):
         _log(d, f"restart {os.environ.get('TORCHELASTIC_RESTART_COUNT')}: the process group's keys go under "
                 f"'{d.store_prefix}' in torchrun's shared store, apart from the failed round's")
     _log(d, f"{d.world_size} process(es), backend {d.backend}, device {d.device}, "
-            f"{torch.get_num_threads()} thread(s) each; {cfg.model} on {cfg.dataset}; global batch "
-            f"{cfg.global_batch_size} = {d.world_size} x {per_rank}; steps {start_step}..{cfg.steps}; "
-            f"BN frozen at {cfg.freeze_bn_at}, observers at {cfg.freeze_observers_at}")
+            f"{torch.get_num_threads()} thread(s) each; {cfg.model} ({cfg.api}) on {data.name}, inputs "
+            f"{'x'.join(map(str, data.input_shape))}; global batch {cfg.global_batch_size} = {d.world_size} x "
+            f"{per_rank}; steps {start_step}..{cfg.steps}; lr {cfg.lr:g}; BN frozen at {cfg.freeze_bn_at} "
+            f"({qrecipe.bn_freeze_timing()}) with lr x{cfg.bn_freeze_lr_factor:g}, observers at "
+            f"{cfg.freeze_observers_at}")
 
     def rank_state():
         return {"model": cpu_state_dict(model),
@@ -753,9 +724,10 @@ def run(cfg, d=None):
         for x, y, idx in loader:
             if step >= cfg.steps:
                 break
-            schedule(step, model)
+            _, _, lr = qrecipe.apply(step, model, optimizer)  # the recipe's state of this step
             x = shift_images(x, cfg.augment_shift).to(d.device)
-            loss = loss_fn(net(x), y.to(d.device))
+            with autocast(d.device, cfg.amp):
+                loss = loss_fn(net(x), y.to(d.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -764,163 +736,48 @@ def run(cfg, d=None):
             rec["cpu_seconds"] += time.process_time() - cpu0
             rec["indices"].append(idx.tolist())
             rec["scales"].append(scale_vector(model).tolist())
+            rec.setdefault("lr", []).append(lr)
             step += 1
             bar.update(1)
             if d.rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-                line = f"train_qat: step {step}/{cfg.steps} loss (rank 0) {rec['loss'][-1]:.4f}"
+                line = f"train_qat: step {step}/{cfg.steps} loss (rank 0) {rec['loss'][-1]:.4f} lr {lr:g}"
                 bar.write(line) if cfg.progress else print(line, flush=True)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 checkpoint(step)
             wall0, cpu0 = time.perf_counter(), time.process_time()
     bar.close()
     checkpoint(cfg.steps)  # the final training state: --resume of a finished run only re-ships
+    if not ship:
+        if d.distributed:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        return {"step": step, "loss": list(rec["loss"]), "lr": list(rec.get("lr", []))}
     layout = scale_layout(model)  # after training: per-channel scales take their shape in the first forward
     scaling = None
     if cfg.scaling_rounds:
         _log(d, f"timing {cfg.scaling_rounds} interleaved rounds of 1 and {d.world_size} processes, "
                 f"{cfg.scaling_steps} steps each")
         scaling = measure_scaling(model, train_set, cfg, d, loss_fn)
-    return _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, evaluate,
-                   observers_disabled, scaling)
+    return _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, scaling, fp32_copy, qrecipe)
 
 
-def wrap_ddp(model, cfg, d):
-    """``DistributedDataParallel(model)`` with ``cfg.forward_sync_buffers``. Taught in 08_qat_at_scale.
-
-    torch 2.13 renamed ``broadcast_buffers`` to ``forward_sync_buffers``. Both copy rank 0's
-    buffers to every rank at the start of each forward when ``True``. With ``False`` the new
-    flag still copies them once, when DDP wraps the model; the old one skipped that copy too.
-    Here that copy is harmless: the ranks' buffers are equal before training, and a resumed
-    rank loads its own state *after* wrapping.
-    """
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
-        else "broadcast_buffers"
-    return DDP(model, device_ids=[d.local_rank] if d.device.startswith("cuda") else None,
-               **{name: cfg.forward_sync_buffers})
-
-
-def measure_scaling(model, train_set, cfg, d, loss_fn):
-    """Time one process against all of them, in ``cfg.scaling_rounds`` interleaved rounds.
-
-    Every round runs two modes, each with one untimed SGD step and then ``cfg.scaling_steps``
-    timed ones, on copies of ``model`` (its state is left as it is, and the RNGs are restored):
-
-    - *single*: rank 0 trains a plain copy (no DDP) on the whole global batch, the work of a
-      one-process run; the other ranks wait at a barrier (their CPU time is recorded too);
-    - *ddp*: every rank trains a DDP copy on its share of the global batch.
-
-    Alternating the two modes exposes both to the same background load on a shared machine.
-    Returns this rank's wall and CPU seconds per round: ``{"single_seconds",
-    "single_cpu_seconds", "ddp_seconds", "ddp_cpu_seconds"}`` (``single_*`` of ranks > 0:
-    their wait). :func:`combine_scaling` turns every rank's into throughputs.
-    Taught in 08_qat_at_scale.
-    """
-    import torch
-    import torch.distributed as dist
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    rng = capture_rng()
-    cuda = d.device.startswith("cuda")
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    def trainer(net, replicas, rank, batch):
-        sampler = DistributedSampler(train_set, num_replicas=replicas, rank=rank, shuffle=True, seed=cfg.seed)
-        optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-
-        def batches():
-            while True:
-                yield from DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True,
-                                      generator=torch.Generator())
-
-        data = batches()
-
-        def steps(n):
-            sync()
-            wall, cpu = time.perf_counter(), time.process_time()
-            for _ in range(n):
-                x, y, _ = next(data)
-                loss = loss_fn(net(x.to(d.device)), y.to(d.device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            sync()
-            return time.perf_counter() - wall, time.process_time() - cpu
-
-        return steps
-
-    single = trainer(copy.deepcopy(model), 1, 0, cfg.global_batch_size) if d.rank == 0 else None
-    ddp = trainer(wrap_ddp(copy.deepcopy(model), cfg, d), d.world_size, d.rank,
-                  cfg.per_rank_batch(d.world_size))
-    out = {"single_seconds": [], "single_cpu_seconds": [], "ddp_seconds": [], "ddp_cpu_seconds": []}
-    for _ in range(cfg.scaling_rounds):
-        dist.barrier()
-        wall, cpu = time.perf_counter(), time.process_time()
-        if d.rank == 0:
-            single(1)
-            w, c = single(cfg.scaling_steps)
-        dist.barrier()
-        if d.rank != 0:
-            w, c = time.perf_counter() - wall, time.process_time() - cpu
-        out["single_seconds"].append(w)
-        out["single_cpu_seconds"].append(c)
-        ddp(1)
-        w, c = ddp(cfg.scaling_steps)
-        out["ddp_seconds"].append(w)
-        out["ddp_cpu_seconds"].append(c)
-    restore_rng(rng)
-    return out
-
-
-def combine_scaling(per_rank, images):
-    """Throughputs from every rank's :func:`measure_scaling`; ``images`` per timed run (all ranks).
-
-    Per round: *single* = ``images / rank 0's seconds``; *ddp* = ``images / slowest rank's
-    seconds``; ``speedup = ddp / single``; each mode's share of a core = CPU seconds / wall
-    seconds (rank 0 alone; the mean over ranks with DDP; ``waiting_cpu_share``: the other
-    ranks' largest while rank 0 trains alone). Taught in 08_qat_at_scale.
-
-    >>> r0 = {"single_seconds": [2.0], "single_cpu_seconds": [1.8], "ddp_seconds": [1.0], "ddp_cpu_seconds": [0.9]}
-    >>> r1 = {"single_seconds": [2.0], "single_cpu_seconds": [0.0], "ddp_seconds": [1.25], "ddp_cpu_seconds": [1.0]}
-    >>> s = combine_scaling([r0, r1], images=100)
-    >>> s["single_images_per_second"], s["ddp_images_per_second"], s["speedup"], s["single_cpu_share"]
-    ([50.0], [80.0], [1.6], [0.9])
-    """
-    r0 = per_rank[0]
-    rounds = range(len(r0["ddp_seconds"]))
-    single = [images / r0["single_seconds"][i] for i in rounds]
-    ddp = [images / max(r["ddp_seconds"][i] for r in per_rank) for i in rounds]
-    return {
-        "rounds": len(rounds), "world_size": len(per_rank),
-        "single_images_per_second": single, "ddp_images_per_second": ddp,
-        "speedup": [b / a for a, b in zip(single, ddp)],
-        "single_cpu_share": [r0["single_cpu_seconds"][i] / r0["single_seconds"][i] for i in rounds],
-        "ddp_cpu_share": [sum(r["ddp_cpu_seconds"][i] / r["ddp_seconds"][i] for r in per_rank) / len(per_rank)
-                          for i in rounds],
-        "waiting_cpu_share": [max((r["single_cpu_seconds"][i] / r["single_seconds"][i] for r in per_rank[1:]),
-                                  default=0.0) for i in rounds],
-    }
-
-
-def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, evaluate, observers_disabled,
-            scaling=None):
+def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, scaling, fp32, qrecipe):
     """After training: per-rank state and models, then rank 0's state on every rank, convert, ship.
 
     Eager: every rank converts its own state, then (after :func:`broadcast_state`) rank 0's,
     and reports both int8 models' digests. PT2E: ``convert_pt2e`` costs seconds per call,
     so only rank 0 converts (once), and every rank reports the digest of the QAT state it
-    holds after the broadcast: the input of a deterministic convert.
+    holds after the broadcast: the input of a deterministic convert. Rank 0 then scores the
+    fake-quant model, the int8 model and the PTQ model on the test set, writes the ``.pte``
+    (PT2E) and runs it, and writes ``metrics.json``.
     """
     import torch
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader, Subset
 
-    test_loader = DataLoader(TensorDataset(data.x_test, data.y_test), batch_size=500)
+    from .deploy import parity
+    from .training import evaluate, predict
+
+    test_loader = DataLoader(data.test_set, batch_size=500)
     eager = cfg.api == "eager"
     model.eval()
     mine = {"rank": d.rank, "records": rec, "rng_digest": state_digest(capture_rng()),
@@ -934,7 +791,7 @@ def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, evalua
         mine.update(own_int8_digest=state_digest(own.state_dict()),
                     own_int8_acc=evaluate(own, test_loader, device="cpu"))
     broadcast_state(model, d, src=0)  # the practitioner's rule: ship rank 0's state, everywhere
-    shipped = convert_int8(model) if eager or d.rank == 0 else None
+    shipped = convert_int8(model) if eager or d.rank == 0 else None  # on a CPU copy
     mine["shipped_digest"] = state_digest(shipped.state_dict() if eager else model.state_dict())
     ranks = gather_to_rank0(mine, d)
     if d.rank != 0:
@@ -943,19 +800,58 @@ def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, evalua
             torch.distributed.destroy_process_group()
         return None
 
-    fq_acc = _evaluate_fake_quant(model, test_loader, d.device, evaluate, observers_disabled)
-    int8_acc = evaluate(shipped, test_loader, device="cpu")
+    fq_logits, labels = _predict_fake_quant(model, test_loader, d.device)
+    fq_acc = _top1(fq_logits, labels)
+    int8_logits, _ = predict(shipped, test_loader, device="cpu")
+    int8_acc = _top1(int8_logits, labels)
     shipped_file = save_int8_model(shipped, os.path.join(out, "model_int8.pt"),
                                    {"model": cfg.model, "weight_bits": cfg.weight_bits,
                                     "activation_bits": cfg.activation_bits, "format": FORMAT})
+    # PTQ from the same fp32 weights, same quantizer settings, calibrated on the first training images
+    calib = DataLoader(Subset(data.train_set, range(min(len(data.train_set), cfg.calib_batches * cfg.global_batch_size))),
+                       batch_size=cfg.global_batch_size)
+    with quiet_eager_api():
+        ptq = ptq_int8(fp32, calib, api=cfg.api, input_shape=data.input_shape,
+                       weight_bits=cfg.weight_bits, activation_bits=cfg.activation_bits)
+    ptq_acc = evaluate(ptq, test_loader, device="cpu")
+    sizes = {"fp32_state_dict_bytes": _state_dict_bytes(fp32), "int8_file_bytes": os.path.getsize(shipped_file)}
+    pte = {"pte_file": None, "pte_acc": None, "pte_top1_agreement_vs_fake_quant": None,
+           "pte_top1_agreement_vs_int8": None, "pte_max_abs_diff_vs_int8": None}
+    if not eager and cfg.pte:
+        from .deploy import run_executorch
+        from .noise import native_stderr_filtered
+
+        pte_path = os.path.join(out, "model_int8.pte")
+        summary = export_pte(shipped, pte_path)
+        with native_stderr_filtered():
+            pte_logits = run_executorch(pte_path, test_loader, threads=max(1, torch.get_num_threads()))
+        vs_int8 = parity(pte_logits, int8_logits)
+        pte.update(pte_file=str(pte_path), pte_acc=_top1(pte_logits, labels),
+                   pte_top1_agreement_vs_fake_quant=parity(pte_logits, fq_logits)["top1_agreement"],
+                   pte_top1_agreement_vs_int8=vs_int8["top1_agreement"],
+                   pte_max_abs_diff_vs_int8=vs_int8["max_abs_diff"],
+                   pte_delegated_nodes=summary.delegated_nodes, pte_non_delegated_nodes=summary.non_delegated_nodes,
+                   pte_max_batch=summary.max_batch)
+        sizes["pte_bytes"] = os.path.getsize(pte_path)
     metrics = _metrics(cfg, d, ranks, layout, fq_acc, int8_acc, resumed_from, started)
+    metrics.update(
+        model_spec=cfg.model, data_spec=cfg.data or cfg.dataset, init=cfg.init or None, api=cfg.api,
+        input_shape=list(data.input_shape), test_images=len(labels), qat_recipe=qrecipe.to_dict(),
+        bn_freeze_timing=qrecipe.bn_freeze_timing(), lr_per_step=rec.get("lr", []),
+        qat_fake_quant_acc=fq_acc, qat_int8_acc=int8_acc, ptq_int8_acc=ptq_acc,
+        qat_minus_ptq_pp=int8_acc - ptq_acc, calib_images=len(calib.dataset),
+        int8_top1_agreement_vs_fake_quant=parity(int8_logits, fq_logits)["top1_agreement"],
+        sizes=sizes, **pte)
     if scaling is not None:
         metrics["scaling"] = combine_scaling([r["scaling"] for r in ranks],
                                              images=cfg.global_batch_size * cfg.scaling_steps)
     metrics["shipped_file"] = str(shipped_file)
     _write_json(os.path.join(out, "metrics.json"), metrics)
-    _log(d, f"done: fake-quant {fq_acc:.2f} %, int8 {int8_acc:.2f} %, shipped model identical on every "
-            f"rank: {bool(metrics['shipped_model_rank_independent'])}; "
+    pte_line = (f"; .pte {pte['pte_acc']:.2f} %, top-1 agreement with fake-quant "
+                f"{pte['pte_top1_agreement_vs_fake_quant']:.2f} % ({sizes['pte_bytes']} bytes)"
+                if pte["pte_file"] else "")
+    _log(d, f"done: fake-quant {fq_acc:.2f} %, int8 {int8_acc:.2f} %, PTQ int8 {ptq_acc:.2f} %{pte_line}; "
+            f"shipped model identical on every rank: {bool(metrics['shipped_model_rank_independent'])}; "
             f"{metrics['samples_per_second']:.0f} images/s -> {out}")
     if d.distributed:
         torch.distributed.barrier()
@@ -963,9 +859,38 @@ def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, evalua
     return metrics
 
 
-def _evaluate_fake_quant(model, loader, device, evaluate, observers_disabled):
+def _top1(logits, labels):
+    return 100.0 * (logits.argmax(1) == labels).float().mean().item()
+
+
+def _state_dict_bytes(model):
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def _predict_fake_quant(model, loader, device):
+    """Logits of the fake-quant model as the recipe scores it: eval form, observers off.
+
+    A PT2E graph is scored on an eval-form copy (``move_exported_model_to_eval``), so a graph
+    whose BN the recipe froze can still be evaluated next to dropout ops in training form.
+    """
+    import torch
+
+    from .qat import observers_disabled
+    from .training import predict
+
+    if isinstance(model, torch.fx.GraphModule):
+        from torchao.quantization.pt2e import move_exported_model_to_eval
+
+        model = move_exported_model_to_eval(copy.deepcopy(model))
+        model.training = False
     with observers_disabled(model):
-        return evaluate(model, loader, device=device)
+        return predict(model, loader, device=device)
 
 
 def _metrics(cfg, d, ranks, layout, fq_acc, int8_acc, resumed_from, started):
@@ -1046,51 +971,27 @@ def launch(args, out, nproc=None, *, max_restarts=0, on_line=None, echo=True, ti
     return metrics
 
 
-def checkpoint_differences(path_a, path_b):
-    """``(compared, differing)``: how many entries two checkpoints hold, and which are not bit-identical.
-
-    Compares the step, the freeze state, the optimizer (momentum buffers), and for every rank
-    each model tensor (``torch.equal``: same dtype, shape and bits) and the RNG states.
-    ``differing == []`` means the two training states are bit for bit the same.
-    Taught in 08_qat_at_scale.
-    """
-    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
-    compared, differing = 0, []
-    for key in ("step", "freeze"):
-        compared += 1
-        if a[key] != b[key]:
-            differing.append(key)
-    compared += 1
-    if state_digest(a["optimizer"]) != state_digest(b["optimizer"]):
-        differing.append("optimizer")
-    if len(a["ranks"]) != len(b["ranks"]):
-        return compared + 1, differing + ["world size"]
-    for r, (ra, rb) in enumerate(zip(a["ranks"], b["ranks"])):
-        for k in sorted(set(ra["model"]) | set(rb["model"])):
-            compared += 1
-            ta, tb = ra["model"].get(k), rb["model"].get(k)
-            if ta is None or tb is None or ta.dtype != tb.dtype or not _equal(ta, tb):
-                differing.append(f"rank {r}: {k}")
-        compared += 1
-        if state_digest(ra["rng"]) != state_digest(rb["rng"]):
-            differing.append(f"rank {r}: rng")
-    return compared, differing
-
-
-def _equal(a, b):
-    """Bit-identical (``torch.equal`` would call ``0.0`` and ``-0.0`` equal)."""
-    return state_digest({"t": a}) == state_digest({"t": b})
-
-
 def main(argv=None):
     """Entry point of ``python -m qatlab.train_qat`` (and of ``torchrun ... -m qatlab.train_qat``).
 
-    Taught in 08_qat_at_scale.
+    From Python, ``main(["--model", "my_model.py:resnet20", "--data", "my_model.py:cifar10",
+    "--out", "runs/r20"])`` runs the same command in this process and returns the metrics dict
+    that ``metrics.json`` holds (``None`` on ranks other than 0). A bad flag raises
+    ``SystemExit`` (argparse); a bad model or data spec raises
+    :class:`qatlab.user_spec.SpecError` naming it. Taught in 08_qat_at_scale.
     """
     cfg = parse_args(argv)
-    run(cfg)
+    return run(cfg)
+
+
+def _cli():
+    try:
+        main()
+    except SpecError as e:  # a bad --model / --data / --init: its message, not a traceback
+        print(f"train_qat: error: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_cli())

@@ -83,7 +83,6 @@ def no_process_left_behind():
 @pytest.mark.parametrize("argv, world, message", [
     (["--global-batch-size", "63"], 2, "--global-batch-size 63 is not divisible by the 2 processes"),
     (["--steps", "0"], 1, "--steps must be a positive int, got 0"),
-    (["--model", "resnet"], 1, "--model must be one of smallcnn, tinymobilenet, tinyvit, got 'resnet'"),
     (["--model", "tinyvit"], 1, "--model tinyvit has no conv-BN blocks"),
     (["--dataset", "imagenet"], 1, "--dataset must be one of"),
     (["--lr", "-0.5"], 1, "--lr must be a positive number, got -0.5"),
@@ -96,6 +95,18 @@ def no_process_left_behind():
     (["--checkpoint-every", "-1"], 1, "--checkpoint-every must be a non-negative int, got -1"),
     (["--scaling-rounds", "3"], 1, "--scaling-rounds needs more than one process"),
     (["--scaling-rounds", "3", "--scaling-steps", "0"], 2, "--scaling-steps must be a positive int, got 0"),
+    (["--dataset", "cifar10"], 1, "--dataset cifar10 has 3x32x32 images, but the smallcnn baseline was trained "
+                                  "on 1x28x28 mnist5k images; to train on cifar10, bring your model and data: "
+                                  "--model MODULE:CALLABLE --data MODULE:CALLABLE"),
+    (["--dataset", "digits", "--model", "tinymobilenet"], 1, "--dataset digits has 1x8x8 images"),
+    (["--model", "resnet"], 1, "--model must be one of smallcnn, tinymobilenet, tinyvit or MODULE:CALLABLE "
+                               "(your model), got 'resnet'"),
+    (["--model", "m.py:net"], 1, "--model m.py:net (your model) needs --data MODULE:CALLABLE"),
+    (["--model", "m.py:net", "--data", "cifar10"], 1, "--data must be MODULE:CALLABLE, got 'cifar10'"),
+    (["--init", "fp32.pt"], 1, "--data and --init go with your own --model MODULE:CALLABLE"),
+    (["--bn-freeze-lr-factor", "0"], 1, "--bn-freeze-lr-factor must be in (0, 1] (1 = no drop), got 0.0"),
+    (["--calib-batches", "0"], 1, "--calib-batches must be a positive int, got 0"),
+    (["--device", "tpu"], 1, "invalid choice: 'tpu'"),
 ])
 def test_bad_arguments_are_usage_errors_naming_the_value(argv, world, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -174,14 +185,17 @@ def test_cpu_state_dict_keeps_module_versions():
 
 
 def test_pt2e_arguments():
+    # the recipe's schedule on both APIs: PT2E freezes BN by editing the graph (qatlab.recipe)
     cfg = train_qat.parse_args(["--api", "pt2e", "--steps", "8"], world_size=2)
-    assert (cfg.api, cfg.freeze_bn_at, cfg.freeze_observers_at) == ("pt2e", None, 6)
-    with pytest.raises(ValueError, match="--api pt2e cannot freeze BN statistics"):
-        train_qat.Config(api="pt2e", freeze_bn_at=3)
+    assert (cfg.api, cfg.freeze_bn_at, cfg.freeze_observers_at) == ("pt2e", 4, 6)
+    assert cfg.qat_recipe().plan(4) == (False, True, 0.01 * 0.1)
     with pytest.raises(ValueError, match="--api pt2e uses XNNPACK's 8-bit QAT config"):
         train_qat.Config(api="pt2e", weight_bits=4)
-    with pytest.raises(ValueError, match="--api must be eager or pt2e, got 'fx'"):
+    with pytest.raises(ValueError, match="--api must be auto, eager or pt2e, got 'fx'"):
         train_qat.Config(api="fx")
+    # auto: eager for a built-in baseline (as notebook 08 runs it), pt2e for your model
+    assert train_qat.Config().api == "eager"
+    assert train_qat.Config(model="my_model.py:net", data="my_model.py:data").api == "pt2e"
 
 
 def test_freeze_bn_is_not_in_the_state_dict_so_it_is_restored_explicitly(build):
