@@ -9,6 +9,7 @@ into ``build/results.json``.
 import json
 import math
 import numbers
+import sys
 import time
 
 from .files import atomic_path, build_dir
@@ -37,7 +38,9 @@ def _results_path():
 def record(name, value):
     """Show ``name = value`` and store it in ``build/results/<notebook>.json``.
 
-    ``value`` must be a finite real number (bools are stored as 0/1).
+    ``value`` must be a finite real number (bools are stored as 0/1). Beside it the file keeps
+    ``torch_threads``: torch's thread count when the notebook last recorded a value, so every
+    timing in it says how many threads it ran with.
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"metric name must be an identifier-like string, got {name!r}")
@@ -50,6 +53,8 @@ def record(name, value):
     path = _results_path()
     results = json.loads(path.read_text()) if path.exists() else {}
     results[name] = value
+    if "torch" in sys.modules:  # the threads this notebook's timings ran with (qatlab.set_threads)
+        results["torch_threads"] = sys.modules["torch"].get_num_threads()
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
     print(f"recorded {_state['notebook']}.{name} = {value:.6g}")

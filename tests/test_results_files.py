@@ -18,7 +18,14 @@ def test_record_writes_per_notebook_json(build, capsys):
     qatlab.begin_notebook("99_demo")
     qatlab.record("acc", torch.tensor(97.5))
     qatlab.record("flag", True)
-    assert json.loads((build / "results" / "99_demo.json").read_text()) == {"acc": 97.5, "flag": 1}
+    assert json.loads((build / "results" / "99_demo.json").read_text()) == {
+        "acc": 97.5, "flag": 1, "torch_threads": torch.get_num_threads()}
+    torch.set_num_threads(1)
+    try:
+        qatlab.record("later", 2.0)  # the threads in force at the last record
+        assert json.loads((build / "results" / "99_demo.json").read_text())["torch_threads"] == 1
+    finally:
+        torch.set_num_threads(2)
     assert "recorded 99_demo.acc = 97.5" in capsys.readouterr().out
     qatlab.begin_notebook("99_demo")  # a new run starts clean
     assert not (build / "results" / "99_demo.json").exists()
