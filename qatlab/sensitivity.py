@@ -45,7 +45,7 @@ def _check_int(value, name, low=0):
 
 
 def finetune_steps(model, loader, steps, lr, *, momentum=0.9, on_step=None, lr_drop_at=None,
-                   lr_drop=0.1, trace=None):
+                   lr_drop=0.1, trace=None, recipe=None):
     """Train ``model`` for exactly ``steps`` SGD steps (cycling over ``loader``); return the losses.
 
     SGD with ``momentum`` and cross-entropy, the same for every row of a
@@ -53,7 +53,10 @@ def finetune_steps(model, loader, steps, lr, *, momentum=0.9, on_step=None, lr_d
     ``on_step(step, model)`` runs before each step (e.g. :func:`qatlab.qat.freeze_schedule`).
     From step ``lr_drop_at`` on the learning rate is ``lr * lr_drop``.
     ``trace`` (a :class:`TrainingTrace`) records per-step signals.
-    Leaves ``model`` in eval mode. Taught in 06_when_qat_pays_off.
+    With ``recipe`` (a :class:`qatlab.recipe.QATRecipe`), the optimizer is the recipe's and
+    ``recipe.apply(step, model, optimizer)`` sets the learning rate and the freezes before
+    each step (then ``lr`` must equal ``recipe.lr``, and ``momentum`` / ``lr_drop_at`` are
+    the recipe's). Leaves ``model`` in eval mode. Taught in 06_when_qat_pays_off.
 
     >>> net = nn.Linear(2, 2)
     >>> data = [(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]))]
@@ -67,7 +70,13 @@ def finetune_steps(model, loader, steps, lr, *, momentum=0.9, on_step=None, lr_d
         _check_int(lr_drop_at, "lr_drop_at")
     if not 0 <= momentum < 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    if recipe is not None:
+        if lr != recipe.lr or lr_drop_at is not None:
+            raise ValueError(f"with a recipe, lr must be recipe.lr ({recipe.lr!r}, got {lr!r}) and lr_drop_at None "
+                             f"(got {lr_drop_at!r}): the recipe sets the learning rate")
+        opt = recipe.make_optimizer(model.parameters())
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     loss_fn = nn.CrossEntropyLoss()
     losses, step = [], 0
     model.train()
@@ -77,6 +86,8 @@ def finetune_steps(model, loader, steps, lr, *, momentum=0.9, on_step=None, lr_d
             if step >= steps:
                 break
             seen += 1
+            if recipe is not None:
+                recipe.apply(step, model, opt)
             if on_step is not None:
                 on_step(step, model)
             if lr_drop_at is not None and step == lr_drop_at:

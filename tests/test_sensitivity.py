@@ -380,3 +380,19 @@ def test_hessian_sharpness_restores_buffers_and_rejects_bad_arguments():
         sens.hessian_sharpness(nn.Linear(3, 2), x, y, max_iters=0)
     with pytest.raises(ValueError, match="rtol"):
         sens.hessian_sharpness(nn.Linear(3, 2), x, y, rtol=-1)
+
+
+def test_finetune_steps_follows_a_recipe_learning_rate_and_freezes():
+    from qatlab.recipe import QATRecipe
+
+    torch.manual_seed(0)
+    m = sens.prepare_mixed_qat(SmallCNN(), 8, 8)
+    batches = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))]
+    recipe = QATRecipe(steps=4, lr=0.01)
+    seen = []
+    sens.finetune_steps(m, batches, 4, 0.01, recipe=recipe,
+                        on_step=lambda t, model: seen.append((t, model.features[0][0].freeze_bn)))
+    # the recipe freezes BN at step 2, before on_step runs
+    assert seen == [(0, False), (1, False), (2, True), (3, True)]
+    with pytest.raises(ValueError, match="recipe"):
+        sens.finetune_steps(m, batches, 4, 0.1, recipe=recipe)
