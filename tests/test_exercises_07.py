@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from notebook_solutions import solution
 
 from qatlab.exercises import ExerciseError, check_bits_per_weight, check_group_scales
 
@@ -227,5 +228,79 @@ def test_bits_per_weight_unknown_mistake_gets_the_numbers_only():
 
 
 def test_bits_per_weight_not_a_number():
-    with pytest.raises(ExerciseError, match="should return a number, got str"):
+    with pytest.raises(ExerciseError, match=r"\(bits per weight\) should be a number, got str"):
         check_bits_per_weight(lambda *a: "5")
+
+
+@pytest.mark.parametrize("grade_id, name, check", [
+    ("ex07_group_scales", "group_scales", check_group_scales),
+    ("ex07_bits_per_weight", "bits_per_weight", check_bits_per_weight),
+])
+def test_notebook_solutions_pass(grade_id, name, check):
+    assert check(solution("07_qat_transformers", grade_id)[name]) is True
+
+
+def _right_scales(w, bits, group_size, floor=None):
+    floor = torch.finfo(torch.float32).smallest_normal if floor is None else floor
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    amax = w.reshape(w.shape[0], -1, group_size).abs().amax(-1)
+    return torch.clamp(amax / ((qmax - qmin) / 2), min=floor)
+
+
+def test_group_scales_other_styles_pass():
+    def with_torchao_floor(w, bits, group_size):  # finfo(...).tiny is smallest_normal
+        return _right_scales(w, bits, group_size, floor=torch.finfo(w.dtype).tiny)
+
+    def in_float64(w, bits, group_size):
+        return _right_scales(w.double(), bits, group_size)
+
+    def by_loops(w, bits, group_size):
+        out = torch.empty(w.shape[0], w.shape[1] // group_size)
+        for r in range(w.shape[0]):
+            for j in range(out.shape[1]):
+                amax = float(w[r, j * group_size:(j + 1) * group_size].abs().max())
+                out[r, j] = max(amax / ((2 ** bits - 1) / 2), torch.finfo(torch.float32).smallest_normal)
+        return out
+
+    for answer in (with_torchao_floor, in_float64, by_loops):
+        assert check_group_scales(answer) is True, answer.__name__
+
+
+def test_group_scales_wrong_answers_get_hints():
+    def in_place(w, bits, group_size):
+        w.abs_()
+        return _right_scales(w, bits, group_size)
+
+    with pytest.raises(ExerciseError, match=r"changed its input \(argument 1\) in place"):
+        check_group_scales(in_place)
+    with pytest.raises(ExerciseError, match=r"floored amax before dividing"):
+        check_group_scales(lambda w, b, g: torch.clamp(
+            w.reshape(w.shape[0], -1, g).abs().amax(-1), min=torch.finfo(torch.float32).smallest_normal)
+            / ((2 ** b - 1) / 2))
+    with pytest.raises(ExerciseError, match=r"not a round number such as 1e-12"):
+        check_group_scales(lambda w, b, g: _right_scales(w, b, g, floor=1e-12))
+    with pytest.raises(ExerciseError, match=r"returned dtype torch.int64; .*integer"):
+        check_group_scales(lambda w, b, g: _right_scales(w, b, g).long())
+    with pytest.raises(ExerciseError, match=r"should return a torch.Tensor, got ndarray \(torch.from_numpy"):
+        check_group_scales(lambda w, b, g: _right_scales(w, b, g).numpy())
+    with pytest.raises(ExerciseError, match=r"raised RuntimeError"):
+        check_group_scales(lambda w, b, g: w.reshape(w.shape[0], g, g).abs().amax(-1))
+
+
+def test_bits_per_weight_numeric_types_pass():
+    from fractions import Fraction
+
+    import numpy as np
+
+    def ref(bits, group_size, in_features, scale_bits=32):
+        return bits + scale_bits / (in_features if group_size is None else group_size)
+
+    assert check_bits_per_weight(lambda *a: np.float32(ref(*a))) is True
+    assert check_bits_per_weight(lambda *a: torch.tensor(ref(*a))) is True
+    assert check_bits_per_weight(
+        lambda b, g, n, s=32: b + Fraction(s, n if g is None else g)) is True
+
+
+def test_bits_per_weight_crash_on_none_names_per_channel():
+    with pytest.raises(ExerciseError, match=r"group_size=None.* raised TypeError.*group_size=None means per-channel"):
+        check_bits_per_weight(lambda b, g, n, s=32: b + s / g)
