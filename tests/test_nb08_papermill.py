@@ -11,7 +11,7 @@ def test_nb08_runs_with_seed_1(run_notebook, notebook_build):
     assert 6 <= r["resumed_from_step"] < 24
     for key in ("ddp1_int8_acc", "ddp2_int8_acc"):
         assert 95.0 < r[key] <= 100.0, (key, r[key])
-    assert abs(r["ddp2_minus_ddp1_acc_pp"]) < 3.0 and 0.3 < r["ddp2_minus_ddp1_se_pp"] < 1.5
+    assert abs(r["ddp2_minus_ddp1_acc_pp"]) < 3.0 and 0.0 <= r["ddp2_minus_ddp1_se_pp"] < 1.5   # paired over the images
     # observers are frozen from step 18 of 24: the broadcast leaves the ranks equal, its absence does not
     assert r["ranks_scale_max_rel_diff_broadcast"] == 0.0
     assert 0.0 < r["ranks_scale_max_rel_diff_broadcast_while_observing"] < r["ranks_scale_max_rel_diff_no_broadcast"]
