@@ -299,14 +299,19 @@ def train_lm_baseline(corpus=None, path=None, progress=None, **recipe):
     return model
 
 
-def load_lm_baseline(corpus=None, path=None, train_if_missing=True, progress=None):
+def load_lm_baseline(corpus=None, path=None, train_if_missing=True, progress=None, **recipe):
     """The pretrained fp32 byte-level Llama in eval mode, from ``build/checkpoints/llama_bytes.pt``.
 
-    Taught in 12_qat_language_model. Loaded with ``weights_only=True``. A missing
-    file, a corrupt one, or one trained on another corpus (its SHA-256 differs:
-    another Python version) is retrained with a warning, or raises
+    Taught in 12_qat_language_model. Loaded with ``weights_only=True``. ``recipe``
+    overrides :data:`PRETRAIN` (a cheaper pretraining for tests). A missing file, a
+    corrupt one, one trained with another recipe, or one trained on another corpus (its
+    SHA-256 differs: another Python version) is retrained with a warning, or raises
     ``FileNotFoundError`` / ``ValueError`` when ``train_if_missing=False``.
     """
+    unknown = set(recipe) - set(PRETRAIN)
+    if unknown:
+        raise ValueError(f"unknown recipe keys {sorted(unknown)}; allowed: {sorted(PRETRAIN)}")
+    want = {**PRETRAIN, **recipe}
     corpus = corpus or load_corpus()
     path = Path(path or checkpoint_path())
     why = None
@@ -321,6 +326,9 @@ def load_lm_baseline(corpus=None, path=None, train_if_missing=True, progress=Non
             if meta.get("corpus_sha256") != corpus.sha256:
                 why = (f"checkpoint {path} was trained on another corpus (sha256 "
                        f"{str(meta.get('corpus_sha256'))[:12]}…, this one {corpus.sha256[:12]}…)")
+            elif any(meta.get(k) != v for k, v in want.items()):
+                why = (f"checkpoint {path} was trained with another recipe "
+                       f"({ {k: meta.get(k) for k in want} }, asked for {want})")
             else:
                 model = make_llama(seed=meta.get("seed", 0))
                 model.load_state_dict(ckpt["state_dict"])
@@ -331,4 +339,64 @@ def load_lm_baseline(corpus=None, path=None, train_if_missing=True, progress=Non
         if not train_if_missing:
             raise ValueError(why)
     warnings.warn(f"{why}: pretraining the byte-level Llama now", stacklevel=2)
-    return train_lm_baseline(corpus, path=path, progress=progress).eval()
+    return train_lm_baseline(corpus, path=path, progress=progress, **recipe).eval()
+
+
+def recovered_fraction_bpb_ci(fp32, ptq, qat, n_boot=2000, seed=0, level=0.95):
+    """``(ptq - qat) / (ptq - fp32)`` of bits per byte, with a two-level bootstrap interval.
+
+    Taught in 12_qat_language_model. The same design as
+    :func:`qatlab.stats.recovered_fraction_ci`, for a loss (lower is better) measured on
+    evaluation windows instead of a per-image correctness: each argument is a list over
+    seeds of per-window bits per byte on the **same** windows (a single 1-d tensor is one
+    seed). One replicate draws, per arm, its seeds with replacement, and one set of windows
+    with replacement shared by the three arms (they are paired on windows); replicates
+    where PTQ lost nothing are dropped (counted in ``undefined``). Returns a
+    :class:`qatlab.stats.Recovered`.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> fp32 = 2.6 + 0.3 * torch.rand(64, generator=g)
+    >>> ptq = [fp32 + 0.5 + 0.05 * torch.randn(64, generator=g) for _ in range(3)]
+    >>> qat = [fp32 + 0.1 + 0.05 * torch.randn(64, generator=g) for _ in range(3)]
+    >>> r = recovered_fraction_bpb_ci(fp32, ptq, qat)
+    >>> 0.7 < r.estimate < 0.9 and r.ci_low < r.estimate < r.ci_high
+    True
+    """
+    from .stats import Recovered
+
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 100:
+        raise ValueError(f"n_boot must be an int >= 100, got {n_boot!r}")
+
+    def matrix(x, name):
+        rows = [x] if isinstance(x, torch.Tensor) and x.dim() == 1 else list(x)
+        if not rows or any(not isinstance(r, torch.Tensor) or r.dim() != 1 for r in rows):
+            raise TypeError(f"{name} must be a 1-d tensor or a list of 1-d tensors (one per seed)")
+        if len({r.numel() for r in rows}) != 1:
+            raise ValueError(f"every seed of {name} must score the same windows, got {[r.numel() for r in rows]}")
+        return torch.stack([r.double() for r in rows])
+
+    arms = [matrix(x, n) for x, n in ((fp32, "fp32"), (ptq, "ptq"), (qat, "qat"))]
+    n_win = arms[0].shape[1]
+    if any(a.shape[1] != n_win for a in arms):
+        raise ValueError(f"fp32, ptq and qat must score the same windows, got {[a.shape[1] for a in arms]}")
+    m = [a.mean().item() for a in arms]
+    if not m[1] > m[0]:
+        raise ValueError(f"PTQ loses nothing (fp32 {m[0]:.4f}, PTQ {m[1]:.4f} bits per byte): "
+                         f"there is no increase to recover")
+    estimate = (m[1] - m[2]) / (m[1] - m[0])
+    g = torch.Generator().manual_seed(seed)
+    windows = torch.randint(0, n_win, (n_boot, n_win), generator=g)
+    means = []
+    for a in arms:
+        per_seed = a[:, windows].mean(dim=2)                       # seeds x n_boot
+        pick = torch.randint(0, a.shape[0], (n_boot, a.shape[0]), generator=g)
+        means.append(per_seed.gather(0, pick.T).mean(dim=0))
+    gap = means[1] - means[0]
+    boot = ((means[1] - means[2]) / gap)[gap > 0]
+    if boot.numel() < n_boot // 2:
+        raise ValueError(f"PTQ's increase is within noise: in {n_boot - boot.numel()} of {n_boot} "
+                         f"replicates PTQ lost nothing, so the recovered fraction is undefined")
+    q = torch.quantile(boot, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return Recovered(estimate, q[0].item(), q[1].item(), level, n_boot, n_boot - boot.numel())
