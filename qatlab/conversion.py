@@ -180,8 +180,9 @@ def load_int8_model(path):
     """The int8 model that ``python -m qatlab.train_qat`` shipped, in eval mode.
 
     ``model_int8.pt`` (eager): rebuilds the converted module structure from the recorded model
-    name and bit widths and loads the saved ``state_dict`` with ``weights_only=True``.
-    ``model_int8.pt2`` (PT2E): ``torch.export.load``. Taught in 08_qat_at_scale.
+    name (a baseline's, or your ``MODULE:CALLABLE``, called again) and bit widths and loads the
+    saved ``state_dict`` with ``weights_only=True``. ``model_int8.pt2`` (PT2E):
+    ``torch.export.load``. Taught in 08_qat_at_scale.
     """
     import torch
 
@@ -192,14 +193,20 @@ def load_int8_model(path):
 
     from .baseline import make_model
     from .qat import make_qconfig, prepare_eager_qat
+    from .user_spec import is_spec, load_user_model
 
     with quiet_eager_api():
         saved = torch.load(path, weights_only=True, map_location="cpu")
         meta = saved["meta"]
-        model = make_model(meta["model"]).train()
+        if is_spec(meta["model"]):
+            model = load_user_model(meta["model"]).train()
+            shape = tuple(meta["input_shape"])
+        else:
+            model = make_model(meta["model"]).train()
+            shape = (model.in_channels, model.input_size, model.input_size)
         prepare_eager_qat(model, make_qconfig(meta["weight_bits"], meta["activation_bits"]))
         # give the observers a shape (then overwritten); zeros, so no random numbers are drawn
-        model(torch.zeros(2, model.in_channels, model.input_size, model.input_size))
+        model(torch.zeros(2, *shape))
         int8 = convert_int8(model)
         int8.load_state_dict(saved["state_dict"])
     return int8.eval()

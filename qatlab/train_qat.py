@@ -43,30 +43,50 @@ see :func:`qatlab.distributed.restart_store_prefix`.)
 
 What a run does, on every process (rank):
 
-1. joins the process group when ``torchrun`` started it (gloo on CPU, nccl when CUDA is present);
-2. loads the fp32 baseline (:func:`qatlab.baseline.load_baseline`) and prepares eager QAT
-   (:func:`qatlab.qat.prepare_eager_qat` with :func:`qatlab.qat.make_qconfig`), or with
-   ``--api pt2e`` exports it and prepares PT2E QAT (``prepare_qat_pt2e``, XNNPACK quantizer);
-3. wraps it in ``DistributedDataParallel`` and trains with SGD on its share of every global
-   batch (``DistributedSampler``): ``global_batch_size = world_size * per_rank_batch``;
-4. freezes BN statistics and observers on the step schedule of :func:`qatlab.qat.freeze_schedule`;
-5. every ``--checkpoint-every`` steps, rank 0 writes one atomic checkpoint with every rank's state;
-6. at the end, copies rank 0's QAT state to every rank (``torch.distributed.broadcast``), so
-   every rank would convert the same int8 model, and rank 0 ships it;
-7. with ``--scaling-rounds N``, before that, times rank 0 alone against all ranks with DDP in N
-   interleaved rounds, on copies of the trained model (:func:`measure_scaling`).
+1. joins the process group when ``torchrun`` started it (gloo on CPU, nccl when CUDA is present)
+   and picks its device (``--device``: CUDA when present);
+2. loads the data (your ``--data`` callable, checked item by item, or ``--dataset``) and the fp32
+   model (your ``--model`` callable with ``--init``, run once on the data's input shape, or the
+   baseline, :func:`qatlab.baseline.load_baseline`); a bad spec stops here, naming it, with nothing
+   written (:mod:`qatlab.user_spec`);
+3. prepares QAT on the CPU: PT2E (``torch.export`` + ``prepare_qat_pt2e`` with the XNNPACK
+   quantizer, :func:`qatlab.conversion.prepare_pt2e`) or eager (:func:`qatlab.qat.prepare_eager_qat`
+   with :func:`qatlab.qat.make_qconfig`), then moves it to the device;
+4. wraps it in ``DistributedDataParallel`` and trains on its share of every global batch
+   (``DistributedSampler``): ``global_batch_size = world_size * per_rank_batch``, optionally
+   under bfloat16 autocast (``--amp``, CUDA) with the fake-quantizers kept in float32;
+5. follows :class:`qatlab.recipe.QATRecipe` step by step (:meth:`~qatlab.recipe.QATRecipe.apply`):
+   SGD with momentum, BN statistics frozen at ``--freeze-bn-at`` with the learning rate times
+   ``--bn-freeze-lr-factor`` from there on, observers frozen at ``--freeze-observers-at``;
+6. every ``--checkpoint-every`` steps, rank 0 writes one atomic checkpoint with every rank's state;
+7. at the end, copies rank 0's QAT state to every rank (``torch.distributed.broadcast``), so
+   every rank would convert the same int8 model, and rank 0 converts a CPU copy
+   (``convert_pt2e`` / ``convert``), scores the fake-quant model, the int8 model and a PTQ model
+   made from the same fp32 weights with the same quantizer settings
+   (:func:`qatlab.conversion.ptq_int8`, ``--calib-batches``) on the test set, and with PT2E
+   lowers the int8 model to an XNNPACK ``.pte``, runs it, and reports its top-1 agreement;
+8. with ``--scaling-rounds N``, before that, times rank 0 alone against all ranks with DDP in N
+   interleaved rounds, on copies of the trained model (:func:`qatlab.scaling.measure_scaling`).
+
+Progress: one line every ``--log-every`` steps (step, loss, learning rate), and a tqdm bar.
 
 Files in ``--out`` (written by rank 0, atomically):
 
 - ``checkpoint.pt``: the training state (loaded with ``weights_only=True``). ``--resume``
-  continues from it, bit for bit: model (weights, BN statistics, fake-quant scale/zero-point,
-  observer min/max and on/off switches) of **every** rank, optimizer (momentum), step, every
-  rank's RNG (torch, numpy, python), and the freeze state. The data position needs no state:
-  the sampler's order is a function of ``(seed, epoch)``, so step ``k`` is epoch
-  ``k // steps_per_epoch``, batch ``k % steps_per_epoch``.
+  continues from it, bit for bit, eager and PT2E alike: model (weights, BN statistics,
+  fake-quant scale/zero-point, observer min/max and on/off switches) of **every** rank,
+  optimizer (momentum, learning rate), step, every rank's RNG (torch, numpy, python), and the
+  freeze state (BN's is not in a state dict: a fused module's attribute, or a PT2E graph's
+  argument). The data position needs no state: the sampler's order is a function of
+  ``(seed, epoch)``, so step ``k`` is epoch ``k // steps_per_epoch``, batch ``k % steps_per_epoch``.
 - ``model_int8.pt``: the converted int8 model's ``state_dict`` (``model_int8.pt2``, an
   ``ExportedProgram``, with ``--api pt2e``); load either with :func:`load_int8_model`.
-- ``metrics.json``: losses, accuracies, per-rank scales, digests, timings.
+- ``model_int8.pte`` (PT2E, unless ``--no-pte``): the XNNPACK program, for ExecuTorch.
+- ``metrics.json``: losses, learning rates, accuracies (``qat_fake_quant_acc``, ``qat_int8_acc``,
+  ``ptq_int8_acc``, ``pte_acc``), agreements (``pte_top1_agreement_vs_fake_quant``,
+  ``pte_top1_agreement_vs_int8``, ``int8_top1_agreement_vs_fake_quant``), ``sizes`` (bytes of
+  the fp32 state dict, the int8 file and the ``.pte``), the recipe, per-rank scales, digests,
+  timings. ``fake_quant_acc`` / ``int8_acc`` are the same accuracies under their earlier names.
 """
 
 import argparse
@@ -806,7 +826,8 @@ def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, scalin
     int8_acc = _top1(int8_logits, labels)
     shipped_file = save_int8_model(shipped, os.path.join(out, "model_int8.pt"),
                                    {"model": cfg.model, "weight_bits": cfg.weight_bits,
-                                    "activation_bits": cfg.activation_bits, "format": FORMAT})
+                                    "activation_bits": cfg.activation_bits, "format": FORMAT,
+                                    "input_shape": list(data.input_shape)})
     # PTQ from the same fp32 weights, same quantizer settings, calibrated on the first training images
     calib = DataLoader(Subset(data.train_set, range(min(len(data.train_set), cfg.calib_batches * cfg.global_batch_size))),
                        batch_size=cfg.global_batch_size)

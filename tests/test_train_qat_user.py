@@ -120,6 +120,22 @@ def test_amp_keeps_fake_quantizers_in_float32():
         h.remove()
 
 
+def test_eager_api_on_a_fusable_user_model(tmp_path, keep_threads, capsys):
+    """--api eager where the model can be fused: a module name (qatlab.models:SmallCNN has
+    fuse_model and QuantStubs), eager QAT + PTQ + convert; the shipped file reloads bit for bit."""
+    out = tmp_path / "eager"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metrics = train_qat.main(["--model", "qatlab.models:SmallCNN", "--data", f"{FIXTURE}:mnist_like",
+                                  "--api", "eager", "--steps", "4", "--out", str(out), *FAST])
+        int8 = train_qat.load_int8_model(out / "model_int8.pt")
+    capsys.readouterr()
+    assert metrics["api"] == "eager" and metrics["pte_file"] is None and "pte_bytes" not in metrics["sizes"]
+    assert distributed.state_digest(int8.state_dict()) == metrics["shipped_digest_per_rank"][0]
+    assert metrics["lr_per_step"] == [0.01, 0.01, 0.001, 0.001]
+    assert 0 <= metrics["ptq_int8_acc"] <= 100 and metrics["calib_images"] == 64
+
+
 # --- a residual model, PT2E, end to end to a .pte ------------------------------------------------
 
 def _trained_init(path):

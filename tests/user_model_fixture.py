@@ -82,3 +82,10 @@ def triples():
 def images_only():
     train, test = quadrants()
     return [x for x, _ in train], [x for x, _ in test]
+
+
+def mnist_like(n_train=128, n_test=64, seed=0):
+    """1x28x28 inputs, 10 classes: what qatlab.models:SmallCNN (which has fuse_model) takes."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(TensorDataset(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
+                 for n in (n_train, n_test))
