@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from notebook_solutions import solution
 from torch.ao.quantization.observer import MovingAverageMinMaxObserver
 
 from qatlab.exercises import ExerciseError, check_simulate_ranks
@@ -114,7 +115,7 @@ def test_other_wrong_answers_say_where_and_by_how_much():
         check_simulate_ranks(lambda b, c, f, br: b.max(0).values)
     with pytest.raises(ExerciseError, match="one running max per rank \\(2 values\\), got 1"):
         check_simulate_ranks(lambda b, c, f, br: torch.tensor([1.0]))
-    with pytest.raises(ExerciseError, match="pass the function itself"):
+    with pytest.raises(ExerciseError, match="pass your function itself"):
         check_simulate_ranks(None)
 
 
@@ -133,3 +134,39 @@ def test_reference_matches_torch_observers_with_ddp_copies():
                     obs[r](torch.tensor([0.0, float(batch_max[t, r])]))
         torch_result = torch.stack([o.max_val for o in obs])
         assert torch.equal(reference_ranks(batch_max, 0.05, freeze_at, broadcast), torch_result)
+
+
+def test_notebook_solution_passes():
+    assert check_simulate_ranks(solution("08_qat_at_scale", "ex08_simulate_ranks")["simulate_ranks"]) is True
+
+
+def test_started_from_the_first_batch_is_caught_by_the_freeze_at_0_case():
+    """Starting every buffer at the first batch's max (not -inf) and looping from t = 1 agrees
+    with the reference whenever step 0 observes; only freeze_at=0 tells them apart."""
+    def from_first_batch(batch_max, c, freeze_at, broadcast):
+        steps, ranks = batch_max.shape
+        m = batch_max[0].clone()
+        if broadcast:
+            m = m[0].repeat(ranks)
+            m = batch_max[0].clone()  # rank 0's -inf copied, then each rank's first batch
+        for t in range(1, steps):
+            if broadcast:
+                m = m[0].repeat(ranks)
+            if freeze_at is None or t < freeze_at:
+                m = m + c * (batch_max[t] - m)
+        return m
+
+    with pytest.raises(ExerciseError, match=r"freeze_at=0 no observer ever updates.*-inf"):
+        check_simulate_ranks(from_first_batch)
+
+
+def test_in_place_and_crash_get_hints():
+    def in_place(batch_max, c, freeze_at, broadcast):  # keeps each step's running max in batch_max
+        m = _solution(batch_max, c, freeze_at, broadcast)
+        batch_max[-1] = m
+        return batch_max[-1]
+
+    with pytest.raises(ExerciseError, match=r"changed its input \(argument 1\) in place"):
+        check_simulate_ranks(in_place)
+    with pytest.raises(ExerciseError, match=r"raised TypeError"):
+        check_simulate_ranks(lambda batch_max, c, freeze_at, broadcast: batch_max[0] < freeze_at)

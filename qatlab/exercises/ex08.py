@@ -9,7 +9,7 @@ stop updating from step ``freeze_at`` on (``None``: never), but the copy goes on
 
 import torch
 
-from ._common import ExerciseError, passed
+from ._common import ExerciseError, call, passed, require_callable
 
 
 def reference_ranks(batch_max, c, freeze_at, broadcast):
@@ -87,12 +87,19 @@ def _cases():
     g = torch.Generator().manual_seed(8)
     two = 1.0 + 4.0 * torch.rand(6, 2, generator=g)
     three = 1.0 + 4.0 * torch.rand(7, 3, generator=g)
+    one = 1.0 + 4.0 * torch.rand(5, 1, generator=g)
     return [(two, 0.25, None, True), (two, 0.25, 4, True), (two, 0.25, 4, False),
             (two, 0.25, None, False), (three, 0.1, 5, True), (three, 0.5, None, True),
-            (three, 0.5, 3, False)]
+            (three, 0.5, 3, False),
+            # edges: frozen from the start (every buffer keeps -inf), frozen after the first step,
+            # a freeze step past the end, c = 1 (the buffer is the last batch's max), one rank
+            (two, 0.25, 0, True), (three, 0.3, 1, True), (two, 0.25, 10, True), (two, 1.0, None, True),
+            (one, 0.3, 2, True)]
 
 
 def _as_vector(got, ranks, where):
+    if isinstance(got, list | tuple):  # a rank that never observed may be written as None
+        got = [float("-inf") if v is None else v for v in got]
     try:
         v = torch.as_tensor(got, dtype=torch.float64).flatten()
     except Exception:
@@ -115,14 +122,13 @@ def check_simulate_ranks(simulate_ranks):
     freezing) against :func:`reference_ranks`; a wrong answer that matches a typical mistake
     gets that mistake's hint, any other one the first case and rank that differ.
     """
-    if not callable(simulate_ranks):
-        raise ExerciseError(f"pass the function itself, got {type(simulate_ranks).__name__}")
+    require_callable(simulate_ranks, "simulate_ranks")
     cases = _cases()
     results = []
     for batch_max, c, freeze_at, broadcast in cases:
         where = (f"simulate_ranks(batch_max of shape {tuple(batch_max.shape)}, c={c}, "
                  f"freeze_at={freeze_at}, broadcast={broadcast})")
-        got = simulate_ranks(batch_max.clone(), c, freeze_at, broadcast)
+        got = call(simulate_ranks, where, batch_max.clone(), c, freeze_at, broadcast)
         results.append((where, _as_vector(got, batch_max.shape[1], where)))
     first_bad = next(((i, w, got) for i, (w, got) in enumerate(results)
                       if not _close(got, reference_ranks(*cases[i]))), None)
@@ -140,6 +146,11 @@ def check_simulate_ranks(simulate_ranks):
                             "c * (batch_max - m)")
     i, where, got = first_bad
     want = reference_ranks(*cases[i]).double()
+    if torch.isinf(want).all() and torch.isfinite(got).any():
+        raise ExerciseError(f"{where}: with freeze_at=0 no observer ever updates, so every rank keeps "
+                            f"its start value -inf; yours end at {[round(v, 4) for v in got.tolist()]}. "
+                            f"Did you start the buffers from the first batch instead of -inf, or "
+                            f"update before testing t < freeze_at?")
     r = int((got - want).abs().argmax())
     raise ExerciseError(f"{where}: rank {r} ends at {float(got[r]):.6g} but should end at "
                         f"{float(want[r]):.6g} (all ranks: yours {[round(v, 4) for v in got.tolist()]}, "
