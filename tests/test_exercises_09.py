@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from notebook_solutions import solution
 
 from qatlab.exercises import ExerciseError, check_pair_sum_range, check_requantize
 
@@ -139,7 +140,7 @@ def test_requantize_fractional_output_is_caught():
 
 
 def test_requantize_wrong_type_is_caught():
-    with pytest.raises(ExerciseError, match="return a tensor"):
+    with pytest.raises(ExerciseError, match="should return a torch.Tensor, got list"):
         check_requantize(lambda *a: [1, 2])
 
 
@@ -221,3 +222,81 @@ def test_pair_sum_range_crash_on_odd_k_gets_a_hint():
 def test_pair_sum_range_hard_coded_answer_fails():
     with pytest.raises(ExerciseError, match="should be"):
         check_pair_sum_range(lambda w, x_max: (-32640, 64770))
+
+
+@pytest.mark.parametrize("grade_id, name, check", [
+    ("ex09_requantize", "requantize", check_requantize),
+    ("ex09_pair_sum_range", "pair_sum_range", check_pair_sum_range),
+])
+def test_notebook_solutions_pass(grade_id, name, check):
+    assert check(solution("09_integer_kernels", grade_id)[name]) is True
+
+
+def _pairs(w_cols):
+    w = torch.nn.functional.pad(w_cols.to(torch.int64), (0, w_cols.shape[1] % 2))
+    return w.reshape(w.shape[0], -1, 2)
+
+
+def test_pair_sum_range_other_types_pass():
+    import numpy as np
+
+    def as_tensor(w_cols, x_max):
+        p = _pairs(w_cols)
+        return torch.stack([x_max * p.clamp_max(0).sum(-1).min(), x_max * p.clamp_min(0).sum(-1).max()])
+
+    def as_numpy(w_cols, x_max):
+        p = _pairs(w_cols).numpy()
+        return np.int64(x_max * np.minimum(p, 0).sum(-1).min()), np.int64(x_max * np.maximum(p, 0).sum(-1).max())
+
+    assert check_pair_sum_range(as_tensor) is True
+    assert check_pair_sum_range(as_numpy) is True
+
+
+def unpadded(w_cols, x_max):  # right for an even K only
+    p = w_cols.to(torch.int64).reshape(w_cols.shape[0], -1, 2)
+    return int(x_max * p.clamp_max(0).sum(-1).min()), int(x_max * p.clamp_min(0).sum(-1).max())
+
+
+def test_pair_sum_range_slips_the_first_cases_let_through():
+    def pad_in_front(w_cols, x_max):  # odd K: the zero goes before the first weight
+        w = torch.nn.functional.pad(w_cols.to(torch.int64), (w_cols.shape[1] % 2, 0))
+        p = w.reshape(w.shape[0], -1, 2)
+        return int(x_max * p.clamp_max(0).sum(-1).min()), int(x_max * p.clamp_min(0).sum(-1).max())
+
+    with pytest.raises(ExerciseError, match=r"should be"):
+        check_pair_sum_range(pad_in_front)
+    with pytest.raises(ExerciseError, match=r"raised RuntimeError.*odd K .* pad w_cols with one zero column"):
+        check_pair_sum_range(unpadded)
+    with pytest.raises(ExerciseError, match=r"lo should be a whole number"):
+        check_pair_sum_range(lambda w, x: (0.5, 1))
+
+
+def requantize_right(acc, bias, input_scale, weight_scale, output_scale, output_zero_point, relu):
+    a = torch.tensor(input_scale, dtype=torch.float32) * weight_scale.to(torch.float32)
+    m = a / torch.tensor(output_scale, dtype=torch.float32)
+    y = torch.round((acc.to(torch.float32) + bias / a) * m) + output_zero_point
+    return y.clamp(output_zero_point if relu else 0, 255).to(torch.uint8)
+
+
+def test_requantize_slips_get_hints():
+    def wrong_axis(acc, bias, input_scale, weight_scale, *rest):  # one scale per row of acc
+        return requantize_right(acc, bias, input_scale, weight_scale[:, None], *rest)
+
+    with pytest.raises(ExerciseError, match=r"shape \(9, 9\), expected \(1, 9\).*made a column .*LAST dimension"):
+        check_requantize(wrong_axis)
+
+    def in_place(acc, bias, *rest):
+        bias /= 1.0
+        acc.clamp_(-300, 300)
+        return requantize_right(acc, bias, *rest)
+
+    with pytest.raises(ExerciseError, match=r"changed its input \(argument 1\) in place"):
+        check_requantize(in_place)
+
+    def per_tensor(acc, bias, input_scale, weight_scale, *rest):  # the first channel's scale for all
+        return requantize_right(acc, bias, input_scale, weight_scale[:1].expand_as(weight_scale), *rest)
+
+    with pytest.raises(ExerciseError, match=r"case 'per-channel'"):
+        check_requantize(per_tensor)
+    with pytest.raises(ExerciseError, match=r"pass your function itself, requantize"):
+        check_requantize(None)

@@ -14,7 +14,15 @@ inputs at ``x_max``, int8 products that wrap)."""
 
 import torch
 
-from ._common import ExerciseError, passed
+from ._common import (
+    ExerciseError,
+    as_int,
+    as_sequence,
+    as_tensor_result,
+    call,
+    passed,
+    require_callable,
+)
 
 _F32 = torch.float32
 
@@ -141,17 +149,31 @@ def check_requantize(fn):
     requantization (:func:`qatlab.integer.requantize_fbgemm`, itself checked
     bit for bit against torch's x86 kernels) as uint8 values.
     """
+    require_callable(fn, "requantize")
+
+    def on_error(e):
+        if isinstance(e, RuntimeError) and "size" in str(e):
+            return ("weight_scale and bias hold one value per output channel, the LAST dimension "
+                    "of acc (N, C): they broadcast as they are, without reshaping to (C, 1)")
+        return None
+
     for name, acc, bias, s_x, s_w, s_y, zp, relu in _requantize_cases():
-        got = fn(acc.clone(), bias.clone(), s_x, s_w.clone(), s_y, zp, relu)
-        if not isinstance(got, torch.Tensor):
-            raise ExerciseError(f"your function returned {type(got).__name__}; return a tensor of "
-                                "uint8 values")
-        got = got.detach()
+        what = f"requantize on case '{name}'"
+        got = call(fn, what, acc.clone(), bias.clone(), s_x, s_w.clone(), s_y, zp, relu,
+                   on_error=on_error)
+        got = as_tensor_result(got, f"{what} (a tensor of uint8 values)")
+        if got.dtype == torch.bool or got.is_complex():
+            raise ExerciseError(f"{what} returned dtype {got.dtype}; return uint8 codes")
         raw_dtype = got.dtype
         want = _fbgemm_reference(acc, bias, s_x, s_w, s_y, zp, relu)
         if got.shape != want.shape:
+            hint = ""
+            if got.dim() == 2 and got.shape[-1] == want.shape[-1] and got.shape[0] == want.shape[-1]:
+                hint = (": a per-channel tensor was made a column (C, 1) and broadcast against acc; "
+                        "weight_scale and bias hold one value per output channel, the LAST dimension "
+                        "of acc (N, C), and broadcast as they are")
             raise ExerciseError(f"case '{name}': shape {tuple(got.shape)}, expected "
-                                f"{tuple(want.shape)} (one output per accumulator)")
+                                f"{tuple(want.shape)} (one output per accumulator){hint}")
         if got.is_floating_point():
             if not torch.equal(got, torch.round(got)):
                 raise ExerciseError(f"case '{name}': the result has fractions; round it "
@@ -189,7 +211,7 @@ def check_requantize(fn):
 
 def _pair_cases():
     g = torch.Generator().manual_seed(4)
-    return [
+    cases = [
         # weights of opposite signs in a pair: |w0| + |w1| is not reachable with x >= 0
         ("opposite signs", torch.tensor([[127, -128, 100, 100]], dtype=torch.int8), 255),
         # the same weights read as rows vs columns give different pairs
@@ -197,7 +219,17 @@ def _pair_cases():
         # odd K: the last weight pairs with a zero
         ("odd K", torch.tensor([[3, 4, 127], [-2, 1, -128]], dtype=torch.int8), 127),
         ("random layer", torch.randint(-128, 128, (16, 27), generator=g, dtype=torch.int8), 255),
+        # the extremes of int8 on every weight, K = 1, all weights of one sign, all zero
+        ("the int8 limits", torch.tensor([[-128, -128, 127, 127], [127, -128, -128, 127]], dtype=torch.int8), 255),
+        ("K = 1", torch.tensor([[-5], [7], [0]], dtype=torch.int8), 255),
+        ("all positive", torch.randint(1, 128, (4, 6), generator=g, dtype=torch.int8), 200),
+        ("all zero", torch.zeros(2, 4, dtype=torch.int8), 255),
     ]
+    # random layers: odd and even K, small and large, inputs that reach only part of uint8
+    for rows, k, x_max in [(3, 5, 1), (8, 64, 255), (5, 33, 100), (1, 2, 255), (7, 9, 37)]:
+        w = torch.randint(-128, 128, (rows, k), generator=g, dtype=torch.int8)
+        cases.append((f"random {rows} x {k}, x_max={x_max}", w, x_max))
+    return cases
 
 
 _WRAP_HINT = ("your products wrapped around: x_max times an int8 tensor stays int8 (255·127 "
@@ -249,17 +281,18 @@ def check_pair_sum_range(fn):
     """
     from ..integer import pair_sum_range
 
+    require_callable(fn, "pair_sum_range")
     for name, w, x_max in _pair_cases():
-        try:
-            got = fn(w.clone(), x_max)
-        except RuntimeError as e:
-            if w.shape[1] % 2:
-                raise ExerciseError(f"case '{name}': your function failed on K={w.shape[1]} ({e}); "
-                                    "with an odd K the last weight pairs with a zero (pad it)") from e
-            raise
-        if not (isinstance(got, tuple | list) and len(got) == 2):
-            raise ExerciseError(f"case '{name}': return a pair (lo, hi), got {got!r}")
-        got = (int(got[0]), int(got[1]))
+        what = f"pair_sum_range on case '{name}' (w of shape {tuple(w.shape)}, x_max={x_max})"
+
+        def on_error(e, w=w):
+            if isinstance(e, RuntimeError) and w.shape[1] % 2:
+                return (f"with an odd K (here {w.shape[1]}) the last weight pairs with a zero: "
+                        f"pad w_cols with one zero column")
+            return None
+
+        got = as_sequence(call(fn, what, w.clone(), x_max, on_error=on_error), 2, what, names=("lo", "hi"))
+        got = (as_int(got[0], f"{what}: lo"), as_int(got[1], f"{what}: hi"))
         want = pair_sum_range(w, x_max)
         if got == want:
             continue
