@@ -1,6 +1,7 @@
 """The course's QAT recipe as code: one validated config, and what to do at step ``k``.
 
-Taught in 04_qat_training; used by 05, 06, 08 and ``python -m qatlab.train_qat``. Like
+Taught in 04_qat_training (the schedule it encodes) and 08_qat_at_scale (``python -m
+qatlab.train_qat`` runs it); every QAT loop of the course can call it. Like
 torchao's QAT configs, :class:`QATRecipe` is a frozen dataclass that raises ``ValueError``
 naming a bad value, separate from the code that trains. :meth:`QATRecipe.apply` is the one
 place that says what happens at step ``k`` of a QAT fine-tune (learning rate, observer freeze,
@@ -22,26 +23,32 @@ BatchNorm freeze), for eager ``torch.ao.quantization`` models (fused ``ConvBn*``
   from a converged fp32 checkpoint, so the reference is the fp32 run's *peak*: the one-cycle
   schedule ends at ``peak / 25 / 1e4`` (torch's ``OneCycleLR`` defaults), about 4e-8, too
   small to move a weight across an int8 rounding boundary in a few dozen steps. Notebook 04
-  fine-tunes with exactly this optimizer and measures QAT int8 against an fp32 model given the
-  same extra steps (its target 1, printed MET/MISSED with the seed spread); notebook 06's
-  learning-rate sweep (0.01, 0.03, 0.1) finds 0.01 the rate at which the BatchNorm freeze did
-  not collapse the run. Notebook 05's Adam at 1 % of the peak (1e-4) and notebook 07's Adam
-  at 1e-3 are alternatives, ``optimizer="adam"``; SGD is the default because 04's LSQ rows need
-  it (Adam rescales each parameter's gradient and cancels LSQ's gradient scale) and because
-  06's stability analysis (``lr < 2 (1 + momentum) / sharpness``) is for SGD with momentum.
-- **Steps: 40** (global batches of 64: about two thirds of an epoch of mnist5k), notebooks 06
-  and 08. QAT is a fine-tune: a few percent of the fp32 schedule (04 uses one epoch of the 8).
+  fine-tunes with exactly this optimizer and compares QAT int8 with an fp32 model given the same
+  extra steps (its target 1, reported MET or MISSED with the seed spread); notebooks 06 and 08
+  use it too. Notebook 06 sweeps 0.01, 0.03 and 0.1 and reports, on each run, the smallest rate
+  at which the BatchNorm freeze collapses the run (``freeze_collapse_lr``): the recipe takes
+  the bottom of that sweep. Notebook 05's Adam at 1 % of the peak (1e-4) and notebook 07's Adam
+  at 1e-3 (a transformer) are the alternative, ``optimizer="adam"``; SGD is the default because
+  04's LSQ rows need it (Adam rescales each parameter's gradient and cancels LSQ's gradient
+  scale) and because 06's stability bound (``lr < 2 (1 + momentum) / sharpness``) is the one
+  for SGD with momentum.
+- **Steps: 40** (global batches of 64: about two thirds of an epoch of mnist5k), as in notebooks
+  06 and 08. QAT is a fine-tune: a few percent of the fp32 schedule (04 uses one epoch of the 8).
 - **Observers freeze at 3/4 of the steps** (``freeze_observers_at = 3 * steps // 4``): the last
   quarter fine-tunes the weights against a fixed grid. Notebook 04 traces an activation scale
-  moving until the freeze and flat after it, and its ablation prints whether freezing changes
+  moving until the freeze and flat after it, and its ablation reports whether freezing changes
   accuracy beyond noise on its short fine-tune.
 - **BatchNorm freezes at 1/2 of the steps** (``freeze_bn_at = steps // 2``), **and the learning
-  rate drops to 0.1x there** (``bn_freeze_lr_factor``). Notebook 06 measured that freezing BN
-  makes the loss several times sharper at once (largest Hessian eigenvalue, batch statistics vs
-  running statistics) and that at a large learning rate the frozen run then collapses, while
-  the same run with the learning rate x0.1 from the freeze on does not (its remedy table,
-  ``freeze_fix_acc``). At 0.01 the drop costs little: the steps after the freeze adjust weights
-  that already sit near the fp32 minimum.
+  rate drops to 0.1x there** (``bn_freeze_lr_factor``). Notebook 06 measures the largest Hessian
+  eigenvalue of the loss with batch statistics and with BN frozen at the freeze point
+  (``sharpness_batch_bn``, ``sharpness_frozen_bn``); where the frozen loss is the sharper one, the
+  learning rate must shrink with it, because SGD with momentum is stable only below
+  ``2 (1 + momentum) / sharpness``. It then tests
+  the drop against the other remedies (re-estimating the statistics, a later freeze) at the
+  learning rate where the freeze collapses the run, over seeds (``freeze_fix_acc``, its target
+  reported MET or MISSED). At the default 0.01, below the rates where 06 looks for the
+  collapse, the drop is a margin of safety; the course does not measure what it costs there
+  (``bn_freeze_lr_factor=1`` turns it off, to compare).
 
 **Early and late.** A freeze is *late* when it happens in the second half of the QAT steps
 (``freeze_bn_at >= steps / 2``): BN has normalised each batch, with the fake-quantized weights,
