@@ -384,8 +384,8 @@ def mlas_u8s8_kernel(flags=None, machine=None):
     - ``"avx512_vnni"``, ``"avx_vnni"``: ``vpdpbusd(s)`` adds four products into int32;
     - ``"avx512_core"`` (AVX-512 BW without VNNI) and ``"avx2"``: ``vpmaddubsw`` adds
       *pairs* of u8 × s8 products into a saturating int16, then ``vpmaddwd`` widens them;
-    - ``"neon"`` (ARM64): ``umlal`` (or ``udot``) widens every product into an int32
-      accumulator;
+    - ``"neon"`` (ARM64): the NEON GEMM kernel widens every product into an int32
+      accumulator (``umlal``, or ``udot``); not checked against onnxruntime here;
     - ``"other"``: none of these (not reproduced here).
 
     Only the ``vpmaddubsw`` kernels can saturate (:data:`MLAS_SATURATING`).
@@ -425,8 +425,8 @@ def accumulate_conv2d_mlas(x_q, w_q, *, x_zero_point, stride=1, padding=0, dilat
         acc = Σ_pairs sat16(x[2p]·w[2p] + x[2p+1]·w[2p+1]) − z_x · Σ w
 
     ``saturate=False`` is :func:`accumulate_conv2d`; ``None`` reads the CPU
-    (:func:`mlas_u8s8_kernel`). Verified against onnxruntime's ``QLinearConv``
-    with symmetric int8 weights and ``groups=1`` (``tests/test_integer.py``).
+    (:func:`mlas_u8s8_kernel`). Verified against onnxruntime's ``QLinearConv`` on
+    x86, with symmetric int8 weights and ``groups=1`` (``tests/test_integer.py``).
     """
     acc = accumulate_conv2d(x_q, w_q, x_zero_point=x_zero_point, stride=stride, padding=padding,
                             dilation=dilation)

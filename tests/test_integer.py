@@ -381,8 +381,8 @@ def test_mlas_accumulators_equal_onnxruntime(case):
     # kernel saturates) differ from the exact int32 sum
     pytest.importorskip("onnxruntime")
     kernel = I.mlas_u8s8_kernel()
-    if kernel == "other":
-        pytest.skip("a CPU whose MLAS kernel is not reproduced here")
+    if not kernel.startswith("avx"):
+        pytest.skip(f"MLAS's {kernel} kernels are not reproduced here (x86 only)")
     saturates = kernel in I.MLAS_SATURATING
     op, c, o, third, pad = case
     g = torch.Generator().manual_seed(c * 100 + o)
