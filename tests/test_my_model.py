@@ -78,3 +78,21 @@ def test_mnist5k_pairs(my_model):
 def test_cifar10_without_the_files_says_where(my_model, tmp_path):
     with pytest.raises(FileNotFoundError, match="CIFAR-10 is not in"):
         my_model.cifar10(str(tmp_path))
+
+
+@pytest.mark.notebook
+def test_gpu_command_code_path_on_synthetic_cifar(tmp_path, monkeypatch):
+    """Notebook 10's ResNet-18 / CIFAR-10 command, with the data callable swapped for synthetic
+    CIFAR-shaped data and a few steps on the CPU: the same train_qat code path end to end."""
+    from qatlab import train_qat
+
+    monkeypatch.setenv("QATLAB_BUILD", str(tmp_path / "build"))
+    metrics = train_qat.main(["--model", f"{PATH}:resnet18_cifar", "--data", f"{PATH}:cifar_synthetic",
+                              "--api", "pt2e", "--device", "cpu", "--steps", "4", "--global-batch-size", "16",
+                              "--calib-batches", "1", "--no-pte", "--no-progress", "--threads", "2",
+                              "--out", str(tmp_path / "r18")])
+    assert (tmp_path / "r18" / "metrics.json").exists()
+    for key in ("qat_fake_quant_acc", "ptq_int8_acc"):
+        value = metrics.get(key)
+        assert value is not None and 0.0 <= value <= 100.0, (key, value)
+    assert metrics["int8_top1_agreement_vs_fake_quant"] > 50.0
