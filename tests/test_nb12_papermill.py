@@ -21,6 +21,8 @@ def test_nb12_runs_with_seed_1(run_notebook, notebook_build):
         assert 0.5 < r[key] < 12.0, (key, r[key])
     # the increase is the best PTQ's mean minus the fp32 fine-tune's: never larger than RTN's own increase
     assert r["llm_lowbit_ptq_bpb_increase"] <= r["llm_ptq_8da2w_bpb"] - r["llm_fp32_finetuned_bpb"] + 1e-9
+    rtn = r["llm_ptq_8da2w_bpb"] - r["llm_fp32_finetuned_bpb"]
+    assert r["llm_qat_recovered_vs_rtn"] == pytest.approx((r["llm_ptq_8da2w_bpb"] - r["llm_qat_8da2w_bpb"]) / rtn)
     # a fraction is NaN only where the best PTQ lost too little to define it (then all three are NaN)
     fractions = [r[k] for k in ("llm_qat_recovered", "llm_qat_lora_recovered", "llm_qad_recovered")]
     assert all(math.isnan(f) for f in fractions) or all(math.isfinite(f) for f in fractions), fractions
