@@ -170,12 +170,9 @@ class QATRecipe:
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
 
     def evaluate(self, model, loader, device=None):
-        """Top-1 % of a fake-quant model as the recipe scores it: eval mode, every observer off."""
-        from .qat import observers_disabled
-        from .training import evaluate
-
-        with observers_disabled(model):
-            return evaluate(model, loader, device=device)
+        """Top-1 % of a fake-quant model as the recipe scores it (:func:`predict_fake_quant`)."""
+        logits, labels = predict_fake_quant(model, loader, device=device)
+        return 100.0 * (logits.argmax(1) == labels).float().mean().item()
 
     def bn_freeze_timing(self):
         """``"never"``, ``"early"`` (first half of the steps) or ``"late"`` (second half): see the module docstring."""
@@ -186,6 +183,29 @@ class QATRecipe:
     def to_dict(self):
         """The recipe as plain data (for ``metrics.json`` and checkpoints)."""
         return asdict(self)
+
+
+def predict_fake_quant(model, loader, device=None):
+    """``(logits, labels)`` of a fake-quant model as the recipe scores it: eval form, every observer off.
+
+    An eager model runs in ``eval()`` mode (:func:`qatlab.training.predict`), its observers
+    switched off for the call (:func:`qatlab.qat.observers_disabled`), so the test set never
+    sets a range. A PT2E graph is scored on a copy put in eval form with torchao's
+    ``move_exported_model_to_eval``, so a graph whose BN the recipe froze is scored even next
+    to dropout ops still in training form; ``model`` is left as it is. Taught in 04_qat_training.
+    """
+    import copy
+
+    from .qat import observers_disabled
+    from .training import predict
+
+    if _is_graph(model):
+        from torchao.quantization.pt2e import move_exported_model_to_eval
+
+        model = move_exported_model_to_eval(copy.deepcopy(model))
+        model.training = False
+    with observers_disabled(model):
+        return predict(model, loader, device=device)
 
 
 # --- the freeze state of a model, read and re-applied ------------------------------------------

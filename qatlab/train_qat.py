@@ -127,7 +127,13 @@ from .distributed import (
     state_digest,
     wrap_ddp,  # noqa: F401
 )
-from .recipe import QATRecipe, fake_quant_modules, freeze_state, restore_freeze_state  # noqa: F401
+from .recipe import (  # noqa: F401
+    QATRecipe,
+    fake_quant_modules,
+    freeze_state,
+    predict_fake_quant,
+    restore_freeze_state,
+)
 from .scaling import combine_scaling, measure_scaling  # noqa: F401
 from .user_spec import SpecError, is_spec
 
@@ -820,7 +826,7 @@ def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, scalin
             torch.distributed.destroy_process_group()
         return None
 
-    fq_logits, labels = _predict_fake_quant(model, test_loader, d.device)
+    fq_logits, labels = predict_fake_quant(model, test_loader, device=d.device)
     fq_acc = _top1(fq_logits, labels)
     int8_logits, _ = predict(shipped, test_loader, device="cpu")
     int8_acc = _top1(int8_logits, labels)
@@ -892,26 +898,6 @@ def _state_dict_bytes(model):
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.tell()
-
-
-def _predict_fake_quant(model, loader, device):
-    """Logits of the fake-quant model as the recipe scores it: eval form, observers off.
-
-    A PT2E graph is scored on an eval-form copy (``move_exported_model_to_eval``), so a graph
-    whose BN the recipe froze can still be evaluated next to dropout ops in training form.
-    """
-    import torch
-
-    from .qat import observers_disabled
-    from .training import predict
-
-    if isinstance(model, torch.fx.GraphModule):
-        from torchao.quantization.pt2e import move_exported_model_to_eval
-
-        model = move_exported_model_to_eval(copy.deepcopy(model))
-        model.training = False
-    with observers_disabled(model):
-        return predict(model, loader, device=device)
 
 
 def _metrics(cfg, d, ranks, layout, fq_acc, int8_acc, resumed_from, started):

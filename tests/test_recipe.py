@@ -174,3 +174,30 @@ def test_restore_freeze_state_only_freezes_and_reaches_ddp_module(pt2e_model):
 
     QATRecipe(steps=4).apply(3, Wrapper())
     assert freeze_state(m) == {"observers_frozen": True, "bn_frozen": True}
+
+
+def test_evaluate_scores_with_observers_off_and_leaves_the_model_as_it_was(pt2e_model):
+    """PT2E: scored on an eval-form copy (BN on running statistics), observers off; the graph keeps
+    its training form and its observers. Eager: the same number as qat.evaluate_fake_quant."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+
+    from qatlab import models, qat
+
+    m = copy.deepcopy(pt2e_model)
+    x, y = _batches((3, 6, 6), 1, classes=3)[0]
+    m(x)   # observers see one batch
+    before = distributed.state_digest(m.state_dict())
+    acc = QATRecipe().evaluate(m, [(x, y)])
+    assert distributed.state_digest(m.state_dict()) == before and _bn_training_flags(m) == [True]
+    ref = move_exported_model_to_eval(copy.deepcopy(pt2e_model))
+    ref.load_state_dict(m.state_dict())
+    with qat.observers_disabled(ref):
+        expected = 100.0 * (ref(x).argmax(1) == y).float().mean().item()
+    assert acc == expected
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = qat.prepare_eager_qat(models.SmallCNN().train())
+        batch = _batches((1, 28, 28), 1)[0]
+        eager(batch[0])
+        assert QATRecipe().evaluate(eager, [batch]) == qat.evaluate_fake_quant(eager, [batch])
