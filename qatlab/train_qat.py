@@ -792,8 +792,10 @@ def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, scalin
 
     Eager: every rank converts its own state, then (after :func:`broadcast_state`) rank 0's,
     and reports both int8 models' digests. PT2E: ``convert_pt2e`` costs seconds per call,
-    so only rank 0 converts (once), and every rank reports the digest of the QAT state it
-    holds after the broadcast: the input of a deterministic convert. Rank 0 then scores the
+    so only rank 0 converts (once, after the last collective), and every rank reports the
+    digest of the QAT state it holds after the broadcast: the input of a deterministic convert.
+    After the gather of every rank's report, each rank leaves the process group; the other
+    ranks exit while rank 0 ships. Rank 0 then scores the
     fake-quant model, the int8 model and the PTQ model on the test set, writes the ``.pte``
     (PT2E) and runs it, and writes ``metrics.json``.
     """
@@ -817,14 +819,17 @@ def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, scalin
         mine.update(own_int8_digest=state_digest(own.state_dict()),
                     own_int8_acc=evaluate(own, test_loader, device="cpu"))
     broadcast_state(model, d, src=0)  # the practitioner's rule: ship rank 0's state, everywhere
-    shipped = convert_int8(model) if eager or d.rank == 0 else None  # on a CPU copy
+    shipped = convert_int8(model) if eager else None  # on a CPU copy
     mine["shipped_digest"] = state_digest(shipped.state_dict() if eager else model.state_dict())
     ranks = gather_to_rank0(mine, d)
+    if d.distributed:
+        # the last collective: rank 0 ships alone (convert_pt2e, PTQ, .pte can take longer than
+        # --timeout on a big model), so no rank waits for it at a barrier
+        torch.distributed.destroy_process_group()
     if d.rank != 0:
-        if d.distributed:
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
         return None
+    if shipped is None:
+        shipped = convert_int8(model)
 
     fq_logits, labels = predict_fake_quant(model, test_loader, device=d.device)
     fq_acc = _top1(fq_logits, labels)
@@ -880,9 +885,6 @@ def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, scalin
     _log(d, f"done: fake-quant {fq_acc:.2f} %, int8 {int8_acc:.2f} %, PTQ int8 {ptq_acc:.2f} %{pte_line}; "
             f"shipped model identical on every rank: {bool(metrics['shipped_model_rank_independent'])}; "
             f"{metrics['samples_per_second']:.0f} images/s -> {out}")
-    if d.distributed:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
     return metrics
 
 
