@@ -44,6 +44,8 @@ _EXPORTS = {
     "load_baseline_and_data": "baseline",
     "train_baseline": "baseline",
     "save_checkpoint": "baseline",
+    # the course's QAT recipe (04, 05, 06, 08, 10, python -m qatlab.train_qat)
+    "QATRecipe": "recipe",
     # statistics of comparisons
     "accuracy_se": "stats",
     "mcnemar": "stats",

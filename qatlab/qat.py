@@ -176,18 +176,22 @@ def allow_train_eval(graph_module):
     """
     import types
 
-    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e import (
+        allow_exported_model_train_eval,
+        move_exported_model_to_eval,
+        move_exported_model_to_train,
+    )
 
     allow_exported_model_train_eval(graph_module)
-    to_train, to_eval = graph_module.train, graph_module.eval
 
+    # the switches act on ``self``: a deep copy of the model switches itself, not the original
     def train(self, mode=True):
-        to_train(mode)
+        (move_exported_model_to_train if mode else move_exported_model_to_eval)(self)
         self.training = bool(mode)
         return self
 
     def eval(self):
-        to_eval()
+        move_exported_model_to_eval(self)
         self.training = False
         return self
 

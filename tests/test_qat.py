@@ -373,3 +373,25 @@ def test_lsq_minmax_init_and_bad_init():
     assert torch.allclose(paper.scale.detach(), 2 * torch.tensor([0.2, 0.5]) / 7 ** 0.5)
     with pytest.raises(ValueError, match="'mse'"):
         qat.LSQFakeQuantize(init="mse")
+
+
+def test_allow_train_eval_switches_a_deep_copy_not_the_original():
+    import copy
+
+    import torch
+    from torch import nn
+
+    from qatlab import qat
+    from qatlab.conversion import prepare_pt2e
+
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    net(torch.randn(2, 1, 8, 8))
+    gm = qat.allow_train_eval(prepare_pt2e(net.train(), (1, 8, 8)))
+    twin = copy.deepcopy(gm)
+    twin.eval()
+    assert twin.training is False and gm.training is True
+    x = torch.randn(4, 1, 8, 8)
+    gm.train()
+    before = [b.clone() for b in gm.buffers()]
+    gm(x)  # the original still trains: its BN running statistics move
+    assert any(not torch.equal(a, b) for a, b in zip(before, gm.buffers()))
