@@ -3,9 +3,10 @@
 Taught in 00_start_here (it prints the map); the README's "Map of the course" table is
 ``python -m qatlab.course`` (a test checks the two agree).
 
-Two paths: the **core path** (00-05, then the capstone 10) takes a reader from the arithmetic of
-fake quantization to QAT of their own model and an int8 file an edge runtime runs; the **deep
-dives** answer one question each. A reading time is the words of the notebook's text and code at
+Two paths: the **core path** (00-05) takes a reader from the arithmetic of fake quantization to
+QAT and an int8 file an edge runtime runs, with the recipe for their own model (05, and
+``python -m qatlab.train_qat --model MODULE:CALLABLE --data MODULE:CALLABLE``); the **deep dives**
+answer one question each. A reading time is the words of the notebook's text and code at
 :data:`WORDS_PER_MINUTE`, rounded up to 5 minutes; running the notebook adds its run time.
 """
 
@@ -29,7 +30,7 @@ MAP = {
     "04_qat_training": ("core", "you want to run QAT in torch's eager API and in PT2E, and compare it with "
                         "PTQ fairly"),
     "05_deployment": ("core", "you want an int8 file an edge runtime runs (ExecuTorch, ONNX Runtime), "
-                      "measured and parity-checked"),
+                      "measured and parity-checked, and the recipe for your own model"),
     "06_when_qat_pays_off": ("deep dive", "you must decide whether QAT is worth its cost for a bit width or an "
                              "architecture, or your QAT run collapses"),
     "07_qat_transformers": ("deep dive", "your model is a transformer: group-wise int4/int2 weights and "
@@ -38,8 +39,6 @@ MAP = {
                         "across ranks, resuming a killed run"),
     "09_integer_kernels": ("deep dive", "your int8 model disagrees with its fake-quant twin, or you want to "
                            "know what an int8 kernel computes"),
-    "10_qat_your_own_model": ("core", "you want to QAT and deploy your own model: the capstone, through "
-                              "`python -m qatlab.train_qat --model ... --data ...`"),
     "11_strongest_ptq": ("deep dive", "you want the strongest post-training baseline (CLE, bias correction, "
                          "AdaRound, GPTQ) before you pay for training"),
     "12_qat_language_model": ("deep dive", "your model is a language model: QAT, QAT + LoRA and distillation "
