@@ -17,7 +17,7 @@ Where each name is taught:
 - 07_qat_transformers: ``TinyViT``, ``qatlab.groupwise``
 - 08_qat_at_scale: ``qatlab.train_qat`` (``python -m qatlab.train_qat``), ``qatlab.distributed``
 - 09_integer_kernels: ``qatlab.integer``
-- 10_qat_your_own_model: ``qatlab.recipe`` (``QATRecipe``), ``qatlab.qat_cost``,
+- your own model: ``qatlab.recipe`` (``QATRecipe``), ``qatlab.qat_cost``,
   ``python -m qatlab.train_qat --model ... --data ...`` (``qatlab.user_spec``, ``qatlab.conversion``)
 - 11_strongest_ptq: ``qatlab.equalize``, ``qatlab.bias_correction``, ``qatlab.adaround``,
   ``qatlab.ptq``, ``qatlab.gptq``

@@ -1,6 +1,4 @@
-"""What a QAT training step costs next to an fp32 one, and where the extra time goes.
-
-Taught in 10_qat_your_own_model.
+"""What a QAT training step costs next to an fp32 one, and where the extra time goes, on any model.
 
 A QAT step runs the fp32 network plus, for every quantized tensor, an observer (a running
 min/max: one reduction) and a fake-quantizer (scale, round, clamp, rescale, and its
@@ -37,12 +35,12 @@ def make_train_step(model, batch, lr=0.01, momentum=0.9):
 
     Forward, cross-entropy, backward, ``optimizer.step()``: what one step of QAT or of fp32
     training costs. The model runs in the mode it is in (put it in train mode first).
-    Taught in 10_qat_your_own_model.
+
 
     >>> import torch
     >>> net = torch.nn.Linear(3, 2)
     >>> step = make_train_step(net, (torch.ones(4, 3), torch.tensor([0, 1, 0, 1])))
-    >>> before = net.weight.detach().clone(); step(); bool((net.weight != before).any())
+    >>> before = net.weight.detach().clone(); _ = step(); bool((net.weight != before).any())
     True
     """
     import torch
@@ -75,7 +73,7 @@ def interleaved_step_times(steps, rounds=5, repeats=2, warmup=1, clock=time.proc
 
     ``clock`` is CPU time of this process by default (less disturbed than wall time by other
     programs on a shared machine; with several threads it sums their CPU time). Pass
-    ``time.perf_counter`` for wall time. Taught in 10_qat_your_own_model.
+    ``time.perf_counter`` for wall time.
 
     >>> times = interleaved_step_times({"a": lambda: None, "b": lambda: None}, rounds=3)
     >>> sorted(times), [len(v) for v in times.values()]
@@ -161,7 +159,7 @@ def breakdown(times, chain):
     part name is ignored) to the most expensive; part ``i`` is ``t(variant_i) - t(variant_{i-1})``,
     taken round by round and summarized by the median. ``share`` divides by the median total
     extra time (``t(last) - t(first)``), so shares need not add up to exactly 1.
-    Taught in 10_qat_your_own_model.
+
 
     >>> t = {"fp32": [1.0, 1.0], "fq": [1.5, 1.7], "qat": [2.0, 2.2]}
     >>> [(p.name, round(p.seconds, 2), round(p.share, 2)) for p in
@@ -186,8 +184,6 @@ def breakdown(times, chain):
 def fake_quantizers(model):
     """The fake-quantize modules of a prepared QAT model (torch.ao's eager ones or torchao's PT2E
     ones): every module with the two switches ``observer_enabled`` and ``fake_quant_enabled``.
-
-    Taught in 10_qat_your_own_model.
     """
     return [m for m in model.modules()
             if hasattr(m, "observer_enabled") and hasattr(m, "fake_quant_enabled")]
@@ -199,7 +195,7 @@ def quantizer_switches(model, observers=True, fake_quant=True):
     quantization on or off as asked; on exit each gets its own switches back.
 
     ``observers=False, fake_quant=False`` leaves a prepared model that computes in float
-    (its conv-BN rewrite included). Taught in 10_qat_your_own_model.
+    (its conv-BN rewrite included).
     """
     for name, value in (("observers", observers), ("fake_quant", fake_quant)):
         if not isinstance(value, bool):
@@ -223,7 +219,7 @@ def switched_step(model, step, observers=True, fake_quant=True):
     """``step`` (from :func:`make_train_step`) run with ``model``'s quantizer switches set as asked.
 
     Lets one prepared model be timed in several configurations, round after round.
-    Taught in 10_qat_your_own_model.
+
     """
     def run():
         with quantizer_switches(model, observers=observers, fake_quant=fake_quant):
