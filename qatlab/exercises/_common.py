@@ -30,31 +30,14 @@ def _short(value, limit=80):
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _snapshot(values):
-    """Copies of the tensors among ``values`` (also inside lists/tuples/dicts), by position."""
+def _tensors(values, copy):
+    """The tensors among ``values`` (also inside lists/tuples/dicts), by position; cloned when
+    ``copy`` (a snapshot to compare against later), else detached views of the current ones."""
     out = {}
 
     def visit(key, v):
         if isinstance(v, torch.Tensor):
-            out[key] = v.detach().clone()
-        elif isinstance(v, list | tuple):
-            for i, item in enumerate(v):
-                visit(f"{key}[{i}]", item)
-        elif isinstance(v, dict):
-            for k, item in v.items():
-                visit(f"{key}[{k!r}]", item)
-
-    for key, v in values.items():
-        visit(key, v)
-    return out
-
-
-def _current(values):
-    out = {}
-
-    def visit(key, v):
-        if isinstance(v, torch.Tensor):
-            out[key] = v.detach()
+            out[key] = v.detach().clone() if copy else v.detach()
         elif isinstance(v, list | tuple):
             for i, item in enumerate(v):
                 visit(f"{key}[{i}]", item)
@@ -87,7 +70,7 @@ def call(fn, what, *args, on_error=None, allow_none=False, **kwargs):
     """
     named = {f"argument {i + 1}": a for i, a in enumerate(args)}
     named.update({f"argument {k}": v for k, v in kwargs.items()})
-    before = _snapshot(named)
+    before = _tensors(named, copy=True)
     try:
         result = fn(*args, **kwargs)
     except (NotImplementedError, ExerciseError):
@@ -96,7 +79,7 @@ def call(fn, what, *args, on_error=None, allow_none=False, **kwargs):
         hint = on_error(e) if on_error is not None else None
         raise ExerciseError(f"{what} raised {type(e).__name__}: {e}"
                             + (f". {hint}" if hint else "")) from e
-    after = _current(named)
+    after = _tensors(named, copy=False)
     for key, old in before.items():
         new = after.get(key)
         if new is not None and not _unchanged(old, new):
