@@ -274,9 +274,27 @@ def generate_greedy(step_fn, prompt_ids, new_tokens, window=None):
     return out
 
 
-def checkpoint_path():
-    """``build/checkpoints/llama_bytes.pt``."""
-    return build_dir() / "checkpoints" / CHECKPOINT
+def checkpoint_path(**recipe):
+    """``build/checkpoints/llama_bytes.pt`` for :data:`PRETRAIN`; another file for another recipe.
+
+    A recipe that overrides :data:`PRETRAIN` (a cheaper pretraining for tests) gets a file of
+    its own, ``llama_bytes-<8 hex digits of its hash>.pt``, so it never replaces the cached
+    baseline of the default recipe.
+
+    >>> checkpoint_path().name, checkpoint_path(**PRETRAIN).name
+    ('llama_bytes.pt', 'llama_bytes.pt')
+    >>> checkpoint_path(steps=20).name != CHECKPOINT
+    True
+    """
+    unknown = set(recipe) - set(PRETRAIN)
+    if unknown:
+        raise ValueError(f"unknown recipe keys {sorted(unknown)}; allowed: {sorted(PRETRAIN)}")
+    want = {**PRETRAIN, **recipe}
+    name = CHECKPOINT
+    if want != PRETRAIN:
+        digest = hashlib.sha256(repr(sorted(want.items())).encode()).hexdigest()[:8]
+        name = f"{Path(CHECKPOINT).stem}-{digest}.pt"
+    return build_dir() / "checkpoints" / name
 
 
 def train_lm_baseline(corpus=None, path=None, progress=None, **recipe):
@@ -292,7 +310,7 @@ def train_lm_baseline(corpus=None, path=None, progress=None, **recipe):
     bpb = bits_per_byte(model, eval_windows(corpus.val, rec["context"])).mean().item()
     meta = {**rec, "corpus_sha256": corpus.sha256, "python": corpus.python, "val_bpb": bpb,
             "final_loss": losses[-1] if losses else float("nan")}
-    path = Path(path or checkpoint_path())
+    path = Path(path or checkpoint_path(**recipe))
     with atomic_path(path) as tmp:
         torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
     model.baseline_meta = meta
@@ -300,7 +318,7 @@ def train_lm_baseline(corpus=None, path=None, progress=None, **recipe):
 
 
 def load_lm_baseline(corpus=None, path=None, train_if_missing=True, progress=None, **recipe):
-    """The pretrained fp32 byte-level Llama in eval mode, from ``build/checkpoints/llama_bytes.pt``.
+    """The pretrained fp32 byte-level Llama in eval mode, from :func:`checkpoint_path` ``(**recipe)``.
 
     Taught in 12_qat_language_model. Loaded with ``weights_only=True``. ``recipe``
     overrides :data:`PRETRAIN` (a cheaper pretraining for tests). A missing file, a
@@ -313,7 +331,7 @@ def load_lm_baseline(corpus=None, path=None, train_if_missing=True, progress=Non
         raise ValueError(f"unknown recipe keys {sorted(unknown)}; allowed: {sorted(PRETRAIN)}")
     want = {**PRETRAIN, **recipe}
     corpus = corpus or load_corpus()
-    path = Path(path or checkpoint_path())
+    path = Path(path or checkpoint_path(**recipe))
     why = None
     if not path.exists():
         why = f"no checkpoint at {path}"

@@ -1,6 +1,10 @@
-"""Shared fixtures. Notebook runs share one scratch build folder per session, so the
-baseline checkpoint is trained once (by notebook 00, or by the first notebook that
-needs it) and reused."""
+"""Shared fixtures. Every notebook run of a session shares one build folder, so each cached
+baseline (the SmallCNN of notebook 00, TinyMobileNet, TinyViT, ResNet-20, the byte-level
+Llama) is trained once, by the first run that needs it, and reused by the papermill runs,
+the student copies and nbval alike. That folder is ``$QATLAB_BUILD`` when it is set
+(``make test`` sets ``build/test``, where nbval's kernels write too), else a scratch one.
+A cheaper pretraining asked for by a test gets a checkpoint file of its own
+(:func:`qatlab.lm.checkpoint_path`), so it never replaces the default one."""
 
 import json
 import os
@@ -15,6 +19,11 @@ NOTEBOOKS = ROOT / "notebooks"
 
 @pytest.fixture(scope="session")
 def notebook_build(tmp_path_factory):
+    shared = os.environ.get("QATLAB_BUILD")
+    if shared:
+        path = Path(shared).resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
     return tmp_path_factory.mktemp("build")
 
 
