@@ -1,9 +1,10 @@
 """Record a notebook's measured results, and compare ours with torch's.
 
 Taught in 00_start_here. A notebook starts with ``begin_notebook("00_start_here")``
-and then calls ``record("fp32_acc", acc)``; each value is shown in the notebook
-and written to ``build/results/<notebook>.json``. ``make run`` merges those files
-into ``build/results.json``.
+and then calls ``record("fp32_acc", acc)``; each value is written, quietly, to
+``build/results/<notebook>.json``, and ``make run`` merges those files into
+``build/results.json``. The notebook itself states its numbers in sentences and in its
+summary, printed from the same values; a bare ``recorded x = 0.97`` line teaches nothing.
 """
 
 import json
@@ -35,12 +36,16 @@ def _results_path():
     return build_dir() / "results" / f"{_state['notebook']}.json"
 
 
-def record(name, value):
-    """Show ``name = value`` and store it in ``build/results/<notebook>.json``.
+def record(name, value, *, show=False):
+    """Store ``name = value`` in ``build/results/<notebook>.json`` and return ``value``.
 
     ``value`` must be a finite real number (bools are stored as 0/1). Beside it the file keeps
     ``torch_threads``: torch's thread count when the notebook last recorded a value, so every
     timing in it says how many threads it ran with.
+
+    Quiet by default: the notebook prints its numbers in sentences (an f-string beside the
+    measurement, and the summary at its end). ``show=True`` also prints one line,
+    ``recorded <notebook>.<name> = <value>``, for debugging. Taught in 00_start_here.
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"metric name must be an identifier-like string, got {name!r}")
@@ -57,7 +62,8 @@ def record(name, value):
         results["torch_threads"] = sys.modules["torch"].get_num_threads()
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
-    print(f"recorded {_state['notebook']}.{name} = {value:.6g}")
+    if show:
+        print(f"recorded {_state['notebook']}.{name} = {value:.6g}")
     return value
 
 
