@@ -21,7 +21,8 @@ Three tools, from the simplest:
   is too weak, so "A beats B" needs ``p < 0.05`` from the t distribution with the
   right ``df`` (Welch, Biometrika 1947).
 - :func:`paired_t`: the same seeds (or images) on both sides: the t test on the
-  per-seed differences, ``df = n - 1``.
+  per-seed differences, ``df = n - 1``, with the same ``min_se`` floor as :func:`welch_t`
+  (two or three seeds whose differences happen to agree must not claim ``p = 0``).
 - :func:`tost`: failing to find a difference is not evidence of none. Two one-sided
   tests (Schuirmann 1987) call A and B *equivalent within ±margin* when the
   ``1 - 2 alpha`` confidence interval of the difference lies inside ``±margin``.
@@ -35,6 +36,7 @@ Three tools, from the simplest:
 """
 
 import math
+import numbers
 from dataclasses import dataclass
 
 
@@ -205,6 +207,7 @@ def welch_t(acc_a, acc_b, alpha=0.05, min_se=0.0):
     (9.6, 2.1, 0.106, 'no difference detected')
     """
     a, b = _as_runs(acc_a, "acc_a"), _as_runs(acc_b, "acc_b")
+    min_se = _as_min_se(min_se)
     (ma, va), (mb, vb) = _mean_var(a), _mean_var(b)
     ua, ub = va / len(a), vb / len(b)
     se = math.sqrt(ua + ub)
@@ -212,23 +215,46 @@ def welch_t(acc_a, acc_b, alpha=0.05, min_se=0.0):
         df = (ua + ub) ** 2 / (ua ** 2 / (len(a) - 1) + ub ** 2 / (len(b) - 1))
     else:
         df = float(len(a) + len(b) - 2)
-    return _t_result(ma - mb, max(se, float(min_se)), df, alpha)
+    return _t_result(ma - mb, max(se, min_se), df, alpha)
 
 
-def paired_t(acc_a, acc_b, alpha=0.05):
+def _as_min_se(min_se):
+    if isinstance(min_se, bool) or not isinstance(min_se, numbers.Real) or not math.isfinite(min_se) \
+            or min_se < 0:
+        raise ValueError(f"min_se must be a finite number >= 0 (percentage points), got {min_se!r}")
+    return float(min_se)
+
+
+def paired_t(acc_a, acc_b, alpha=0.05, min_se=0.0):
     """Paired t test: ``a[i]`` and ``b[i]`` share seed ``i`` (same data order, same images).
 
-    ``d = a - b``, ``se = s_d / sqrt(n)``, ``df = n - 1``.
+    ``d = a - b``, ``se = max(s_d / sqrt(n), min_se)``, ``t = mean(d) / se``, ``df = n - 1``.
+
+    ``min_se`` is a floor on the standard error, as in :func:`welch_t`. With 2 or 3 seeds the
+    sample spread ``s_d`` of the differences can come out near 0 by chance (every seed differs
+    by the same few images), and then ``t`` explodes although the test images alone make each
+    ``d[i]`` uncertain. A floor that covers that image-level noise: with ``N`` test images and
+    ``b_i + c_i`` images on which the two models disagree in seed ``i`` (McNemar's discordant
+    pairs), each ``d[i]`` has a binomial SE of about ``100 * sqrt(b_i + c_i) / N`` pp under
+    "no difference", so pass ``min_se = 100 * sqrt(mean(b + c)) / N / sqrt(n)``. The default 0
+    is the textbook test (scipy's ``ttest_rel``).
 
     >>> r = paired_t([95.6, 94.9, 96.4], [86.0, 85.1, 87.0])
     >>> round(r.diff, 2), r.df, round(r.p_value, 5), r.verdict("QAT", "PTQ")
     (9.6, 2.0, 0.00014, 'QAT beats PTQ')
+    >>> r = paired_t([97.3, 97.1, 97.2], [97.1, 96.9, 97.0])  # every seed +0.2 pp: s_d = 0
+    >>> r.p_value < 1e-12, r.verdict()  # s_d is 0 up to float round-off
+    (True, 'A beats B')
+    >>> r = paired_t([97.3, 97.1, 97.2], [97.1, 96.9, 97.0], min_se=100 * 8 ** 0.5 / 1000 / 3 ** 0.5)
+    >>> round(r.se, 3), round(r.p_value, 2), r.verdict()  # 8 discordant images of 1,000 a seed
+    (0.163, 0.35, 'no difference detected')
     """
     a, b = _as_runs(acc_a, "acc_a"), _as_runs(acc_b, "acc_b")
     if len(a) != len(b):
         raise ValueError(f"paired runs need the same number of seeds, got {len(a)} and {len(b)}")
+    min_se = _as_min_se(min_se)
     md, vd = _mean_var([x - y for x, y in zip(a, b)])
-    return _t_result(md, math.sqrt(vd / len(a)), float(len(a) - 1), alpha)
+    return _t_result(md, max(math.sqrt(vd / len(a)), min_se), float(len(a) - 1), alpha)
 
 
 @dataclass(frozen=True)

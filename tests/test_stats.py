@@ -141,3 +141,27 @@ def test_recovered_fraction_ci_rejects_bad_input():
         recovered_fraction_ci(a, [a[:100]], [a])
     with pytest.raises(ValueError, match="n_boot"):
         recovered_fraction_ci(a, a, a, n_boot=10)
+
+
+def test_paired_t_min_se_floors_the_standard_error_only_from_below():
+    a, b = [97.3, 97.1, 97.2], [97.1, 96.9, 97.0]  # every seed +0.2 pp: s_d is round-off
+    assert paired_t(a, b).p_value < 1e-12
+    floor = 100 * 8 ** 0.5 / 1000 / 3 ** 0.5  # 8 discordant images of 1,000 per seed, 3 seeds
+    r = paired_t(a, b, min_se=floor)
+    assert r.se == floor and r.df == 2 and r.diff == pytest.approx(0.2)
+    assert r.p_value == pytest.approx(2 * scipy_stats.t.sf(0.2 / floor, 2), rel=1e-9)
+    assert not r.significant and r.verdict() == "no difference detected"
+    lo, hi = scipy_stats.t.interval(0.95, 2, loc=r.diff, scale=floor)
+    assert (r.ci_low, r.ci_high) == (pytest.approx(lo), pytest.approx(hi))
+    # a floor below the measured SE changes nothing: the textbook (scipy) test
+    for x, y in RUNS:
+        ref = paired_t(x, y)
+        assert paired_t(x, y, min_se=ref.se / 2) == ref
+        assert paired_t(x, y, min_se=2 * ref.se).se == 2 * ref.se
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "0.1", True])
+def test_t_tests_reject_a_bad_min_se(bad):
+    for test in (paired_t, welch_t):
+        with pytest.raises(ValueError, match="min_se must be a finite number >= 0"):
+            test([1.0, 2.0], [1.5, 2.5], min_se=bad)
