@@ -160,6 +160,13 @@ def execute(notebook, out_dir, parameters, cell_timeout=None, notebook_timeout=N
     return out, time.monotonic() - start
 
 
+def _children_cpu_seconds():
+    """User + system CPU seconds of this process's finished, waited-for children (and theirs):
+    a kernel's CPU time once papermill has shut it down."""
+    t = os.times()
+    return t.children_user + t.children_system
+
+
 _TQDM = re.compile(r"\d+%\|")
 
 
@@ -276,13 +283,16 @@ def main(argv=None):
     executed_dir, html_dir = build / "executed", build / "html"
     executed_dir.mkdir(parents=True, exist_ok=True)
     html_dir.mkdir(parents=True, exist_ok=True)
-    seconds, failed = {}, []
+    seconds, cpu, failed = {}, {}, []
+    started = time.monotonic()
     for i, nb in enumerate(notebooks, 1):
         print(f"[{i}/{len(notebooks)}] {nb.name} ...", flush=True)
         # a notebook's params: only those its parameters cell knows would be ignored by papermill
+        before = _children_cpu_seconds()
         try:
             out, seconds[nb.stem] = execute(nb, executed_dir, params, *limits)
-            print(f"    ok in {seconds[nb.stem]:.1f} s", flush=True)
+            cpu[nb.stem] = _children_cpu_seconds() - before
+            print(f"    ok in {seconds[nb.stem]:.1f} s ({cpu[nb.stem]:.1f} s of CPU in its kernel)", flush=True)
         except Exception as e:  # papermill raises PapermillExecutionError with the cell's traceback
             failed.append(nb.stem)
             out = executed_dir / nb.name
@@ -298,6 +308,9 @@ def main(argv=None):
     write_index(html_dir, merged, repo_root() / "notebooks")
     print()
     print(format_table(merged))
+    print(f"\n{len(seconds)} notebook(s) in {time.monotonic() - started:.0f} s of wall time "
+          f"({sum(cpu.values()):.0f} s of CPU in their kernels; on a busy machine the wall time grows, "
+          f"the CPU time much less)")
     print(f"\nresults: {build / 'results.json'}\nhtml:    {html_dir / 'index.html'}")
     if failed:
         print(f"\nFAILED notebooks: {', '.join(failed)}", file=sys.stderr)
