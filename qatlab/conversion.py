@@ -4,8 +4,8 @@ Taught in 04_qat_training (prepare, convert) and 05_deployment (the ``.pte``); u
 :mod:`qatlab.train_qat`. Both APIs:
 
 - **PT2E** (the current one): :func:`prepare_pt2e` exports the fp32 model and inserts
-  fake-quantizers with ExecuTorch's ``XNNPACKQuantizer`` (symmetric int8, per-channel
-  weights); :func:`convert_int8` runs ``move_exported_model_to_eval`` and ``convert_pt2e`` on
+  fake-quantizers with ExecuTorch's ``XNNPACKQuantizer`` (symmetric per-channel weights of
+  2 to 8 bits held in int8, 8-bit activations); :func:`convert_int8` runs ``move_exported_model_to_eval`` and ``convert_pt2e`` on
   a CPU copy; :func:`export_pte` lowers the result to an XNNPACK ``.pte``.
 - **eager** (``torch.ao.quantization``, legacy): ``fuse_model`` / ``prepare_qat`` /
   ``convert`` with :func:`qatlab.qat.make_qconfig`.
@@ -19,32 +19,207 @@ import contextlib
 import copy
 
 
-def prepare_pt2e(model, input_shape, is_qat=True):
-    """``torch.export`` (batch dimension dynamic) → ``prepare_qat_pt2e`` with XNNPACK's QAT config.
+def pt2e_weight_qrange(weight_bits=8):
+    """``(weight_qmin, weight_qmax)`` that :func:`prepare_pt2e` gives XNNPACK's quantizer for ``weight_bits``.
 
-    The same steps as notebook 04, on the CPU; ``input_shape`` is one input's shape without
-    the batch dimension. With ``is_qat=False``: ``prepare_pt2e`` for PTQ calibration (eval
-    form). The result takes ``.train()`` / ``.eval()`` (:func:`qatlab.qat.allow_train_eval`)
-    and records ``input_shape``. Taught in 04_qat_training.
+    8 bits: XNNPACK's own default, the restricted range ``(-127, 127)`` (symmetric about 0).
+    Below 8: :func:`qatlab.qat.weight_qrange`, ``(-2^(b-1), 2^(b-1) - 1)``, the range
+    :mod:`qatlab.ptq` rounds to, so a ``b``-bit weight is an int8 value restricted to ``2^b``
+    levels and XNNPACK's int8 kernels run it unchanged. Taught in 10_qat_your_own_model.
+
+    >>> pt2e_weight_qrange(8), pt2e_weight_qrange(4), pt2e_weight_qrange(2)
+    ((-127, 127), (-8, 7), (-2, 1))
     """
-    import torch
+    from .qat import weight_qrange
+
+    qmin, qmax = weight_qrange(weight_bits)  # validates: an int in 2..8
+    return (-127, 127) if weight_bits == 8 else (qmin, qmax)
+
+
+def _make_kernel_qparams_fake_quantize():
+    """Build :class:`KernelQParamsFakeQuantize` (on first use: it subclasses a torchao class)."""
+    from torchao.quantization.pt2e.fake_quantize import FusedMovingAvgObsFakeQuantize
+
+    class KernelQParamsFakeQuantize(FusedMovingAvgObsFakeQuantize):
+        """torchao's ``FusedMovingAvgObsFakeQuantize`` whose ``calculate_qparams`` returns the scale and
+        zero-point the fused kernel trained with (its buffers), not its inner observer's.
+
+        The fused kernel (``torch.fused_moving_avg_obs_fake_quant``) chooses a symmetric scale as
+        ``max(|min| / 2^(b-1), max / (2^(b-1) - 1))`` ("divides by 8 or 7" at 4 bits); the observer's
+        ``calculate_qparams``, which ``convert_pt2e`` calls, divides ``max|w|`` by
+        ``(qmax - qmin) / 2`` (7.5 at 4 bits). So without this class the converted model rounds
+        every weight on a grid up to 1/7 (3 bits) or 1/15 (4 bits) coarser or finer than the one
+        QAT trained on, and its predictions drift from the fake-quant model's (notebook 10 measures
+        it). torchao fixes the same mismatch upstream with a ``use_kernel_params`` flag
+        (pytorch/ao#4824, after torchao 0.18). Taught in 10_qat_your_own_model.
+        """
+
+        def calculate_qparams(self):
+            return self.scale.detach().clone(), self.zero_point.detach().clone()
+
+    KernelQParamsFakeQuantize.__module__ = __name__
+    KernelQParamsFakeQuantize.__qualname__ = "KernelQParamsFakeQuantize"
+    return KernelQParamsFakeQuantize
+
+
+_LAZY = {}
+
+
+def __getattr__(name):
+    # PEP 562: KernelQParamsFakeQuantize is made on first use, so importing this module imports no torchao
+    if name == "KernelQParamsFakeQuantize":
+        if name not in _LAZY:
+            _LAZY[name] = _make_kernel_qparams_fake_quantize()
+        return _LAZY[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _with_kernel_qparams(spec):
+    """``spec`` with its fused fake-quantizer swapped for :class:`KernelQParamsFakeQuantize` (same arguments)."""
+    import dataclasses
+
+    from torchao.quantization.pt2e.fake_quantize import FusedMovingAvgObsFakeQuantize
+
+    ctr = getattr(spec, "observer_or_fake_quant_ctr", None)
+    if getattr(getattr(ctr, "p", None), "func", None) is not FusedMovingAvgObsFakeQuantize:
+        return spec
+    fq = __getattr__("KernelQParamsFakeQuantize")
+    return dataclasses.replace(spec, observer_or_fake_quant_ctr=fq.with_args(*ctr.p.args, **ctr.p.keywords))
+
+
+ACT_OBSERVERS = ("histogram", "minmax")
+
+
+def xnnpack_quantizer(is_qat=True, weight_bits=8, act_observer="histogram"):
+    """ExecuTorch's ``XNNPACKQuantizer`` with its symmetric config: per-channel ``weight_bits``-bit weights
+    (:func:`pt2e_weight_qrange`), 8-bit per-tensor affine activations; QAT (fake-quantizers) or PTQ
+    (observers: per-channel min/max for weights; for activations XNNPACK's ``HistogramObserver``,
+    or a ``MinMaxObserver`` with ``act_observer="minmax"``, notebook 02's two PTQ choices).
+
+    For QAT every fused fake-quantizer is a :class:`KernelQParamsFakeQuantize`, so ``convert_pt2e``
+    uses the scales the model was trained with. Taught in 10_qat_your_own_model.
+    """
+    import dataclasses
+
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
+
+    if act_observer not in ACT_OBSERVERS:
+        raise ValueError(f"act_observer must be one of {', '.join(ACT_OBSERVERS)}, got {act_observer!r}")
+    qmin, qmax = pt2e_weight_qrange(weight_bits)
+    config = get_symmetric_quantization_config(is_per_channel=True, is_qat=is_qat, weight_qmin=qmin,
+                                               weight_qmax=qmax)
+    if not is_qat and act_observer == "minmax":
+        from torchao.quantization.pt2e import MinMaxObserver
+
+        act = dataclasses.replace(config.input_activation,
+                                  observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
+        config = dataclasses.replace(config, input_activation=act, output_activation=act)
+    if is_qat:
+        config = dataclasses.replace(config, **{
+            field: _with_kernel_qparams(getattr(config, field))
+            for field in ("input_activation", "output_activation", "weight")})
+    return XNNPACKQuantizer().set_global(config)
+
+
+_PATTERNS = {}
+
+
+def _pattern_key(pattern, example_inputs, is_cuda, kwargs):
+    """What determines the graph ``torch.export`` makes of one of torchao's pattern functions, or ``None``."""
+    import torch
+
+    def describe(v):
+        if isinstance(v, torch.Tensor):
+            return ("tensor", tuple(v.shape), v.dtype, v.device.type)
+        return v
+
+    fn = getattr(pattern, "fn", pattern) if isinstance(pattern, torch.nn.Module) else pattern  # torchao wraps them
+    code = getattr(fn, "__code__", None)
+    if code is None or isinstance(fn, torch.nn.Module):
+        return None
+    try:
+        cells = tuple(c.cell_contents for c in (fn.__closure__ or ()))
+        key = (code, cells, tuple(describe(x) for x in example_inputs), bool(is_cuda),
+               tuple(sorted((k, describe(v)) for k, v in kwargs.items())))
+        hash(key)
+    except (TypeError, ValueError):  # an unhashable closure value or an empty cell: do not cache
+        return None
+    return key
+
+
+@contextlib.contextmanager
+def pattern_cache():
+    """Within the block, torchao's pattern graphs are exported once per process and then copied.
+
+    ``prepare_qat_pt2e`` and ``convert_pt2e`` find the conv-BN subgraphs they rewrite by matching
+    small *pattern* functions, and they ``torch.export`` every pattern anew on every call (about
+    30 exports in ``prepare_qat_pt2e``, more in ``convert_pt2e``; a fraction of a second each).
+    The graph depends only on the pattern's code, its closure (the conv function, flags) and
+    the shapes of its example inputs, so this keeps the first export of each and hands every
+    caller a deep copy, which is what a fresh export returns. Used by :func:`prepare_pt2e` and
+    :func:`convert_int8`; ``tests/test_train_qat_user.py`` checks that a converted model is the
+    same bit for bit with and without it. Where torchao has no such function the block changes
+    nothing. Taught in 10_qat_your_own_model (QAT of several seeds in one process).
+    """
+    try:
+        from torchao.quantization.pt2e import qat_utils
+        from torchao.quantization.pt2e import utils as pt2e_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(pt2e_utils, "_get_aten_graph_module_for_pattern", None)
+    if original is None or getattr(qat_utils, "_get_aten_graph_module_for_pattern", None) is not original:
+        yield
+        return
+
+    def cached(pattern, example_inputs, is_cuda=False, **kwargs):
+        key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
+        if key is None:
+            return original(pattern, example_inputs, is_cuda, **kwargs)
+        if key not in _PATTERNS:
+            _PATTERNS[key] = original(pattern, example_inputs, is_cuda, **kwargs)
+        return copy.deepcopy(_PATTERNS[key])
+
+    pt2e_utils._get_aten_graph_module_for_pattern = cached
+    qat_utils._get_aten_graph_module_for_pattern = cached
+    try:
+        yield
+    finally:
+        pt2e_utils._get_aten_graph_module_for_pattern = original
+        qat_utils._get_aten_graph_module_for_pattern = original
+
+
+def prepare_pt2e(model, input_shape, is_qat=True, weight_bits=8, act_observer="histogram"):
+    """``torch.export`` (batch dimension dynamic) → ``prepare_qat_pt2e`` with XNNPACK's QAT config.
+
+    The same steps as notebook 04, on the CPU; ``input_shape`` is one input's shape without
+    the batch dimension. With ``is_qat=False``: ``prepare_pt2e`` for PTQ calibration (eval
+    form). ``weight_bits`` (2..8) sets the per-channel weights' integer range
+    (:func:`pt2e_weight_qrange`, passed as ``weight_qmin`` / ``weight_qmax`` to
+    ``get_symmetric_quantization_config``); activations stay 8-bit, XNNPACK's width (PTQ: observed
+    by ``act_observer``, see :func:`xnnpack_quantizer`). The result
+    takes ``.train()`` / ``.eval()`` (:func:`qatlab.qat.allow_train_eval`) and records
+    ``input_shape`` and ``weight_bits``. Taught in 04_qat_training (8 bits) and
+    10_qat_your_own_model (fewer).
+    """
+    import torch
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e as prepare_ptq
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
     from .qat import allow_train_eval
 
+    quantizer = xnnpack_quantizer(is_qat, weight_bits, act_observer)  # checks the arguments before exporting
     model = model.cpu().train(is_qat)
     example = (torch.zeros(2, *input_shape),)  # zeros: exporting draws no random numbers
     exported = torch.export.export(model, example, dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_qat=is_qat))
-    prepared = allow_train_eval((prepare_qat_pt2e if is_qat else prepare_ptq)(exported, quantizer))
+    with pattern_cache():
+        prepared = allow_train_eval((prepare_qat_pt2e if is_qat else prepare_ptq)(exported, quantizer))
     prepared.input_shape = tuple(input_shape)
+    prepared.weight_bits = weight_bits
     return prepared.train() if is_qat else prepared.eval()
-
 
 
 @contextlib.contextmanager
@@ -62,11 +237,14 @@ def quiet_eager_api():
 
 
 
-def ptq_int8(fp32_model, calib_batches, *, api, input_shape=None, weight_bits=8, activation_bits=8):
+def ptq_int8(fp32_model, calib_batches, *, api, input_shape=None, weight_bits=8, activation_bits=8,
+             act_observer="histogram"):
     """Post-training quantization of ``fp32_model`` (left untouched): calibrate on ``calib_batches``, convert.
 
     ``calib_batches`` is an iterable of input tensors (or ``(input, label)`` pairs).
-    ``api="pt2e"``: :func:`prepare_pt2e` with ``is_qat=False``, calibrate, ``convert_pt2e``;
+    ``api="pt2e"``: :func:`prepare_pt2e` with ``is_qat=False`` and ``weight_bits``, calibrate,
+    ``convert_pt2e`` (activations 8-bit: ``activation_bits`` other than 8 is a ``ValueError``;
+    ``act_observer``: ``"histogram"``, XNNPACK's, or ``"minmax"``);
     ``api="eager"``: ``fuse_model(is_qat=False)``, ``prepare`` with
     ``make_qconfig(weight_bits, activation_bits, fake_quant=False)``, calibrate, ``convert``.
     Returns the int8 model (CPU, eval). Taught in 04_qat_training.
@@ -89,9 +267,14 @@ def ptq_int8(fp32_model, calib_batches, *, api, input_shape=None, weight_bits=8,
 
         if input_shape is None:
             raise ValueError("ptq_int8(api='pt2e') needs input_shape (one input's shape, no batch dimension)")
-        prepared = prepare_pt2e(model, input_shape, is_qat=False)
+        if activation_bits != 8:
+            raise ValueError(f"ptq_int8(api='pt2e') quantizes activations to 8 bits (XNNPACK's width), "
+                             f"got activation_bits={activation_bits!r}")
+        prepared = prepare_pt2e(model, input_shape, is_qat=False, weight_bits=weight_bits,
+                                act_observer=act_observer)
         calibrate(prepared)
-        converted = allow_train_eval(convert_pt2e(prepared)).eval()
+        with pattern_cache():
+            converted = allow_train_eval(convert_pt2e(prepared)).eval()
         converted.input_shape = tuple(input_shape)
         return converted
     from torch.ao.quantization import convert, prepare
@@ -139,7 +322,8 @@ def convert_int8(model):
 
         m = move_exported_model_to_eval(m)
         m.training = False
-        converted = allow_train_eval(convert_pt2e(m)).eval()
+        with pattern_cache():
+            converted = allow_train_eval(convert_pt2e(m)).eval()
         converted.input_shape = model.input_shape  # a deepcopy of a GraphModule drops extra attributes
         return converted
     from torch.ao.quantization import convert

@@ -17,7 +17,8 @@ Command-line flags (``--help`` prints the same list with defaults)::
       --steps N  --global-batch-size N  --lr LR  --momentum M
       --freeze-bn-at STEP|never        --freeze-observers-at STEP|never
       --bn-freeze-lr-factor F          learning rate x F from the BN freeze on (1 = no drop)
-      --weight-bits B  --activation-bits B   (eager only; pt2e uses XNNPACK's 8-bit config)
+      --weight-bits B  --activation-bits B   weights 2..8 bits (per channel); activations 2..8 bits
+                                       with eager, 8 with pt2e (XNNPACK computes in int8)
       --seed S  --augment-shift PIXELS
     where and how
       --device auto|cpu|cuda           --amp (bfloat16 autocast, CUDA only)  --threads N
@@ -26,6 +27,7 @@ Command-line flags (``--help`` prints the same list with defaults)::
       --out DIR  --checkpoint-every STEPS  --resume  --log-every N  --no-progress
       --calib-batches N                PTQ calibration batches for the PTQ comparison row
       --no-pte                         skip the ExecuTorch .pte (pt2e)
+      --no-ptq                         skip the PTQ comparison row (the same for every --seed)
       --scaling-rounds N  --scaling-steps STEPS
 
 From Python (a notebook): ``metrics = qatlab.train_qat.main([...same flags...])`` returns the
@@ -63,7 +65,7 @@ What a run does, on every process (rank):
    every rank would convert the same int8 model, and rank 0 converts a CPU copy
    (``convert_pt2e`` / ``convert``), scores the fake-quant model, the int8 model and a PTQ model
    made from the same fp32 weights with the same quantizer settings
-   (:func:`qatlab.conversion.ptq_int8`, ``--calib-batches``) on the test set, and with PT2E
+   (:func:`qatlab.conversion.ptq_int8`, ``--calib-batches``; skipped with ``--no-ptq``) on the test set, and with PT2E
    lowers the int8 model to an XNNPACK ``.pte``, runs it, and reports its top-1 agreement;
 8. with ``--scaling-rounds N``, before that, times rank 0 alone against all ranks with DDP in N
    interleaved rounds, on copies of the trained model (:func:`qatlab.scaling.measure_scaling`).
@@ -82,6 +84,9 @@ Files in ``--out`` (written by rank 0, atomically):
 - ``model_int8.pt``: the converted int8 model's ``state_dict`` (``model_int8.pt2``, an
   ``ExportedProgram``, with ``--api pt2e``); load either with :func:`load_int8_model`.
 - ``model_int8.pte`` (PT2E, unless ``--no-pte``): the XNNPACK program, for ExecuTorch.
+- ``predictions.pt``: the test labels and each model's predicted class per test image
+  (fake-quant, int8, PTQ, and the ``.pte`` when written; :func:`save_predictions`), for paired
+  tests between runs; ``metrics.json`` names it (``predictions_file``).
 - ``metrics.json``: losses, learning rates, accuracies (``qat_fake_quant_acc``, ``qat_int8_acc``,
   ``ptq_int8_acc``, ``pte_acc``), agreements (``pte_top1_agreement_vs_fake_quant``,
   ``pte_top1_agreement_vs_int8``, ``int8_top1_agreement_vs_fake_quant``), ``sizes`` (bytes of
@@ -208,6 +213,7 @@ class Config:
     amp: bool = False
     calib_batches: int = 8
     pte: bool = True
+    ptq: bool = True
 
     @property
     def user_model(self):
@@ -281,10 +287,11 @@ class Config:
             raise ValueError(f"--backend must be auto, gloo or nccl, got {self.backend!r}")
         if not (isinstance(self.timeout, int | float) and self.timeout > 0):
             raise ValueError(f"--timeout must be a positive number of seconds, got {self.timeout!r}")
+        if self.api == "pt2e" and self.activation_bits != 8:
+            raise ValueError(f"--api pt2e quantizes activations to 8 bits (XNNPACK's int8 kernels); got "
+                             f"--activation-bits {self.activation_bits} (--weight-bits may be "
+                             f"{BITS_MIN}..{BITS_MAX})")
         if self.api == "pt2e":
-            if (self.weight_bits, self.activation_bits) != (8, 8):
-                raise ValueError(f"--api pt2e uses XNNPACK's 8-bit QAT config; got --weight-bits "
-                                 f"{self.weight_bits} --activation-bits {self.activation_bits}")
             if self.sync_bn:
                 raise ValueError("--sync-bn needs the eager API: an exported graph's BatchNorm is an "
                                  "operator, not a module that convert_sync_batchnorm can replace")
@@ -345,8 +352,11 @@ def build_parser():
     p.add_argument("--lr", type=float, default=d.lr,
                    help="SGD learning rate (default: %(default)s = 1x the course baselines' fp32 peak)")
     p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default: %(default)s)")
-    p.add_argument("--weight-bits", type=int, default=d.weight_bits, help="default: %(default)s")
-    p.add_argument("--activation-bits", type=int, default=d.activation_bits, help="default: %(default)s")
+    p.add_argument("--weight-bits", type=int, default=d.weight_bits,
+                   help="per-channel symmetric weight bits, 2..8 (pt2e: an int8 weight restricted to 2^B "
+                        "levels, qatlab.conversion.pt2e_weight_qrange) (default: %(default)s)")
+    p.add_argument("--activation-bits", type=int, default=d.activation_bits,
+                   help="activation bits, 2..8 with eager; pt2e takes only 8 (default: %(default)s)")
     p.add_argument("--freeze-bn-at", type=_never_or_int, default=_DEFAULT, metavar="STEP",
                    help="freeze BN statistics from this step on, or 'never' (default: half of --steps)")
     p.add_argument("--bn-freeze-lr-factor", type=float, default=d.bn_freeze_lr_factor, metavar="F",
@@ -392,6 +402,9 @@ def build_parser():
                    help="bfloat16 autocast for the training forward on CUDA (fake-quantizers run in float32)")
     p.add_argument("--calib-batches", type=int, default=d.calib_batches, metavar="N",
                    help="training batches that calibrate the PTQ comparison model (default: %(default)s)")
+    p.add_argument("--no-ptq", dest="ptq", action="store_false",
+                   help="skip the PTQ comparison row (it depends only on --init, --weight-bits and "
+                        "--calib-batches, so one run of several seeds is enough)")
     p.add_argument("--no-pte", dest="pte", action="store_false",
                    help="do not write the ExecuTorch .pte (pt2e only)")
     p.add_argument("--timeout", type=float, default=d.timeout,
@@ -521,7 +534,8 @@ def build_qat_model(cfg, rank=0, distributed=False, input_shape=None, fp32=None)
     ``--api eager``: :func:`qatlab.qat.prepare_eager_qat` with
     :func:`qatlab.qat.make_qconfig` ``(weight_bits, activation_bits)`` (the model needs
     ``fuse_model`` and QuantStubs); ``--api pt2e``: :func:`qatlab.conversion.prepare_pt2e`
-    (``torch.export`` and ``prepare_qat_pt2e`` with XNNPACK's QAT config). ``fp32`` itself is
+    (``torch.export`` and ``prepare_qat_pt2e`` with XNNPACK's QAT config, ``weight_bits``-bit
+    per-channel weights, 8-bit activations). ``fp32`` itself is
     prepared in place. Taught in 08_qat_at_scale.
     """
     from .qat import make_qconfig, prepare_eager_qat
@@ -531,7 +545,7 @@ def build_qat_model(cfg, rank=0, distributed=False, input_shape=None, fp32=None)
     if cfg.api == "pt2e":
         if shape is None:
             raise ValueError("build_qat_model(api='pt2e') needs input_shape (one input, no batch dimension)")
-        return prepare_pt2e(model.train(), shape)
+        return prepare_pt2e(model.train(), shape, weight_bits=cfg.weight_bits)
     if cfg.user_model and not hasattr(model, "fuse_model"):
         from .user_spec import SpecTypeError
 
@@ -842,10 +856,13 @@ def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, scalin
     # PTQ from the same fp32 weights, same quantizer settings, calibrated on the first training images
     calib = DataLoader(Subset(data.train_set, range(min(len(data.train_set), cfg.calib_batches * cfg.global_batch_size))),
                        batch_size=cfg.global_batch_size)
-    with quiet_eager_api():
-        ptq = ptq_int8(fp32, calib, api=cfg.api, input_shape=data.input_shape,
-                       weight_bits=cfg.weight_bits, activation_bits=cfg.activation_bits)
-    ptq_acc = evaluate(ptq, test_loader, device="cpu")
+    ptq_logits = ptq_acc = None
+    if cfg.ptq:
+        with quiet_eager_api():
+            ptq = ptq_int8(fp32, calib, api=cfg.api, input_shape=data.input_shape,
+                           weight_bits=cfg.weight_bits, activation_bits=cfg.activation_bits)
+        ptq_logits, _ = predict(ptq, test_loader, device="cpu")
+        ptq_acc = _top1(ptq_logits, labels)
     sizes = {"fp32_state_dict_bytes": _state_dict_bytes(fp32), "int8_file_bytes": os.path.getsize(shipped_file)}
     pte = {"pte_file": None, "pte_acc": None, "pte_top1_agreement_vs_fake_quant": None,
            "pte_top1_agreement_vs_int8": None, "pte_max_abs_diff_vs_int8": None}
@@ -865,27 +882,67 @@ def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, scalin
                    pte_delegated_nodes=summary.delegated_nodes, pte_non_delegated_nodes=summary.non_delegated_nodes,
                    pte_max_batch=summary.max_batch)
         sizes["pte_bytes"] = os.path.getsize(pte_path)
+    else:
+        pte_logits = None
+    predictions_file = save_predictions(os.path.join(out, "predictions.pt"), labels, fake_quant=fq_logits,
+                                        int8=int8_logits, ptq=ptq_logits, pte=pte_logits)
     metrics = _metrics(cfg, d, ranks, layout, fq_acc, int8_acc, resumed_from, started)
     metrics.update(
         model_spec=cfg.model, data_spec=cfg.data or cfg.dataset, init=cfg.init or None, api=cfg.api,
         input_shape=list(data.input_shape), test_images=len(labels), qat_recipe=qrecipe.to_dict(),
         bn_freeze_timing=qrecipe.bn_freeze_timing(), lr_per_step=rec.get("lr", []),
         qat_fake_quant_acc=fq_acc, qat_int8_acc=int8_acc, ptq_int8_acc=ptq_acc,
-        qat_minus_ptq_pp=int8_acc - ptq_acc, calib_images=len(calib.dataset),
+        qat_minus_ptq_pp=None if ptq_acc is None else int8_acc - ptq_acc,
+        calib_images=len(calib.dataset) if cfg.ptq else None,
         int8_top1_agreement_vs_fake_quant=parity(int8_logits, fq_logits)["top1_agreement"],
         sizes=sizes, **pte)
     if scaling is not None:
         metrics["scaling"] = combine_scaling([r["scaling"] for r in ranks],
                                              images=cfg.global_batch_size * cfg.scaling_steps)
     metrics["shipped_file"] = str(shipped_file)
+    metrics["predictions_file"] = str(predictions_file)
     _write_json(os.path.join(out, "metrics.json"), metrics)
     pte_line = (f"; .pte {pte['pte_acc']:.2f} %, top-1 agreement with fake-quant "
                 f"{pte['pte_top1_agreement_vs_fake_quant']:.2f} % ({sizes['pte_bytes']} bytes)"
                 if pte["pte_file"] else "")
-    _log(d, f"done: fake-quant {fq_acc:.2f} %, int8 {int8_acc:.2f} %, PTQ int8 {ptq_acc:.2f} %{pte_line}; "
+    ptq_line = f", PTQ int8 {ptq_acc:.2f} %" if ptq_acc is not None else ""
+    _log(d, f"done: fake-quant {fq_acc:.2f} %, int8 {int8_acc:.2f} %{ptq_line}{pte_line}; "
             f"shipped model identical on every rank: {bool(metrics['shipped_model_rank_independent'])}; "
             f"{metrics['samples_per_second']:.0f} images/s -> {out}")
     return metrics
+
+
+PREDICTION_KEYS = ("fake_quant", "int8", "ptq", "pte")
+
+
+def save_predictions(path, labels, **logits):
+    """Write ``{"labels", "fake_quant", "int8", "ptq", "pte"}`` to ``path`` atomically; return the path.
+
+    Each model's entry is the argmax of its logits on the test set (int64, one class per test
+    image, in the test set's order), or ``None`` where that model was not run (``pte`` with
+    ``--no-pte`` or ``--api eager``, ``ptq`` with ``--no-ptq``): what a paired test of two runs on the same images needs
+    (``qatlab.stats.mcnemar(preds_a["int8"] == preds_a["labels"], ...)``). Load it with
+    ``torch.load(path, weights_only=True)``. Taught in 10_qat_your_own_model.
+    """
+    import torch
+
+    from .files import atomic_path
+
+    unknown = sorted(set(logits) - set(PREDICTION_KEYS))
+    if unknown:
+        raise ValueError(f"save_predictions: unknown model(s) {', '.join(unknown)}; expected {PREDICTION_KEYS}")
+    record = {"labels": torch.as_tensor(labels).long().cpu()}
+    for key in PREDICTION_KEYS:
+        value = logits.get(key)
+        if value is not None:
+            value = value.argmax(1).long().cpu()
+            if value.shape != record["labels"].shape:
+                raise ValueError(f"save_predictions: {key} has {tuple(value.shape)} predictions for "
+                                 f"{len(record['labels'])} labels")
+        record[key] = value
+    with atomic_path(path) as tmp:
+        torch.save(record, tmp)
+    return path
 
 
 def _top1(logits, labels):

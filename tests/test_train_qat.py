@@ -189,8 +189,12 @@ def test_pt2e_arguments():
     cfg = train_qat.parse_args(["--api", "pt2e", "--steps", "8"], world_size=2)
     assert (cfg.api, cfg.freeze_bn_at, cfg.freeze_observers_at) == ("pt2e", 4, 6)
     assert cfg.qat_recipe().plan(4) == (False, True, 0.01 * 0.1)
-    with pytest.raises(ValueError, match="--api pt2e uses XNNPACK's 8-bit QAT config"):
-        train_qat.Config(api="pt2e", weight_bits=4)
+    # PT2E: weights of 2..8 bits (an int8 restricted to 2^b levels), activations only 8
+    assert train_qat.Config(api="pt2e", weight_bits=2).weight_bits == 2
+    with pytest.raises(ValueError, match="--api pt2e quantizes activations to 8 bits .*got --activation-bits 4"):
+        train_qat.Config(api="pt2e", weight_bits=4, activation_bits=4)
+    with pytest.raises(ValueError, match="--weight-bits must be an int in 2..8, got 1"):
+        train_qat.Config(api="pt2e", weight_bits=1)
     with pytest.raises(ValueError, match="--api must be auto, eager or pt2e, got 'fx'"):
         train_qat.Config(api="fx")
     # auto: eager for a built-in baseline (as notebook 08 runs it), pt2e for your model

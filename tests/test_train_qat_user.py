@@ -171,7 +171,7 @@ def test_residual_model_pt2e_end_to_end_to_pte(tmp_path, keep_threads, capsys):
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert metrics["api"] == "pt2e" and metrics["input_shape"] == [3, 16, 16] and metrics["test_images"] == 128
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json", "model_int8.pt2",
-                                                     "model_int8.pte"]   # no temporary file left
+                                                     "model_int8.pte", "predictions.pt"]   # no temporary file left
     # the recipe's schedule: BN frozen at 3 with the LR drop, observers at 4
     assert metrics["lr_per_step"] == [0.01] * 3 + [0.01 * 0.1] * 3
     assert metrics["qat_recipe"]["freeze_bn_at"] == 3 and metrics["bn_freeze_timing"] == "late"
@@ -191,6 +191,14 @@ def test_residual_model_pt2e_end_to_end_to_pte(tmp_path, keep_threads, capsys):
     assert deploy.parity(pte_logits, int8_logits)["top1_agreement"] == metrics["pte_top1_agreement_vs_int8"]
     assert 100 * (pte_logits.argmax(1) == labels).float().mean().item() == metrics["pte_acc"]
     assert 100 * (int8_logits.argmax(1) == labels).float().mean().item() == metrics["qat_int8_acc"]
+    # the per-image predictions, for paired tests between runs: what the shipped files predict
+    preds = torch.load(metrics["predictions_file"], weights_only=True)
+    assert metrics["predictions_file"] == str(out / "predictions.pt")
+    assert sorted(preds) == ["fake_quant", "int8", "labels", "pte", "ptq"]
+    assert torch.equal(preds["labels"], labels) and torch.equal(preds["pte"], pte_logits.argmax(1))
+    assert torch.equal(preds["int8"], int8_logits.argmax(1))
+    for key, acc in (("fake_quant", "qat_fake_quant_acc"), ("ptq", "ptq_int8_acc"), ("pte", "pte_acc")):
+        assert 100 * (preds[key] == labels).float().mean().item() == pytest.approx(metrics[acc], abs=1e-9), key
     # sanity bounds (a broken export or conversion lands near chance, 25 %, on 4 classes)
     assert metrics["pte_top1_agreement_vs_fake_quant"] >= 90 and metrics["pte_top1_agreement_vs_int8"] >= 90
     assert metrics["pte_delegated_nodes"] > 0
@@ -224,3 +232,91 @@ def test_pt2e_run_resumes_bit_exact(tmp_path, keep_threads, capsys):
     assert ckpt["freeze"] == {"observers_frozen": True, "bn_frozen": True}
     assert distributed.state_digest(ckpt["optimizer"]) == distributed.state_digest(
         torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["optimizer"])
+
+
+# --- PT2E below 8 weight bits -----------------------------------------------------------------------
+
+def test_pt2e_w4_weights_take_at_most_16_values_per_channel(tmp_path, keep_threads, capsys):
+    """--api pt2e --weight-bits 4: XNNPACK's quantizer with weight_qmin/qmax = -8/7. The shipped
+    int8 graph holds every conv / linear weight as int8 codes in [-8, 7], at most 16 per output
+    channel; --no-pte and --no-ptq leave their entries out of metrics and predictions."""
+    out = tmp_path / "w4"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metrics = train_qat.main(["--model", MODEL, "--data", DATA, "--weight-bits", "4", "--steps", "4",
+                                  "--no-pte", "--no-ptq", "--out", str(out), *FAST])
+        int8 = train_qat.load_int8_model(out / "model_int8.pt2")
+    capsys.readouterr()
+    assert metrics["config"]["weight_bits"] == 4 and metrics["api"] == "pt2e"
+    assert metrics["pte_file"] is None and metrics["ptq_int8_acc"] is None and metrics["calib_images"] is None
+    codes = [t for t in list(int8.state_dict().values()) + [getattr(int8, n) for n, _ in int8.named_buffers()]
+             if isinstance(t, torch.Tensor) and t.dtype == torch.int8 and t.dim() >= 2]
+    assert len(codes) >= 6   # 5 convs and the linear layer of the fixture
+    for w in codes:
+        assert int(w.min()) >= -8 and int(w.max()) <= 7
+        assert max(len(torch.unique(c)) for c in w.flatten(1)) <= 16
+    preds = torch.load(out / "predictions.pt", weights_only=True)
+    assert preds["pte"] is None and preds["ptq"] is None and preds["int8"].shape == preds["labels"].shape
+
+
+def test_pt2e_rejects_activation_bits_other_than_8(tmp_path):
+    out = tmp_path / "a4"
+    with pytest.raises(SystemExit):
+        train_qat.main(["--model", MODEL, "--data", DATA, "--activation-bits", "4", "--out", str(out), *FAST])
+    with pytest.raises(ValueError, match="--api pt2e quantizes activations to 8 bits.*got --activation-bits 4"):
+        train_qat.Config(model=MODEL, data=DATA, activation_bits=4)
+    from qatlab.conversion import ptq_int8
+
+    with pytest.raises(ValueError, match="activation_bits=6"):
+        ptq_int8(torch.nn.Linear(2, 2), [], api="pt2e", input_shape=(2,), activation_bits=6)
+    assert not out.exists()
+
+
+def test_converted_pt2e_model_rounds_on_the_grid_qat_trained_on(keep_threads):
+    """The fused fake-quantizer trains with the kernel's scale, max(|min| / 2^(b-1), max / (2^(b-1) - 1));
+    stock torchao's convert_pt2e asks the inner observer, max|w| / ((qmax - qmin) / 2): at 3 bits a
+    grid up to 1/7 apart. qatlab's KernelQParamsFakeQuantize makes convert use the trained scales:
+    every per-channel scale of the converted graph is one of the QAT model's, bit for bit."""
+    from torchao.quantization.pt2e.fake_quantize import FusedMovingAvgObsFakeQuantize
+
+    from qatlab import conversion, recipe
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    net = load_callable(MODEL)()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat_model = conversion.prepare_pt2e(net.train(), (3, 16, 16), weight_bits=3)
+        qat_model(torch.randn(8, 3, 16, 16))   # one training forward sets the scales
+        converted = conversion.convert_int8(qat_model)
+    weight_fqs = [m for _, m in recipe.fake_quant_modules(qat_model) if m.scale.numel() > 1]
+    assert weight_fqs and all(isinstance(m, conversion.KernelQParamsFakeQuantize) for m in weight_fqs)
+    stock = [FusedMovingAvgObsFakeQuantize.calculate_qparams(m)[0] for m in weight_fqs]
+    assert any(not torch.equal(s, m.scale) for s, m in zip(stock, weight_fqs))   # the mismatch is real
+    scales = [getattr(converted, n.args[1].target) for n in converted.graph.nodes
+              if n.op == "call_function" and "dequantize_per_channel" in str(n.target)]
+    assert len(scales) == len(weight_fqs)
+    for m in weight_fqs:
+        assert any(s.shape == m.scale.shape and torch.equal(s, m.scale) for s in scales)
+
+
+def test_pattern_cache_gives_the_same_graph(keep_threads):
+    """conversion.pattern_cache hands out copies of torchao's pattern graphs: the same prepared model."""
+    from qatlab import conversion
+
+    torch.set_num_threads(1)
+    net = load_callable(MODEL)()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = conversion.prepare_pt2e(copy_module(net).train(), (3, 16, 16), weight_bits=4)
+        cached = len(conversion._PATTERNS)
+        b = conversion.prepare_pt2e(copy_module(net).train(), (3, 16, 16), weight_bits=4)
+    assert cached > 0 and len(conversion._PATTERNS) == cached   # the second call exported no pattern
+    assert str(a.graph) == str(b.graph)
+    assert distributed.state_digest(a.state_dict()) == distributed.state_digest(b.state_dict())
+
+
+def copy_module(m):
+    import copy
+
+    return copy.deepcopy(m)
