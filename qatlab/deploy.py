@@ -196,6 +196,7 @@ class ExportSummary:
     non_delegated_nodes: int
     summary: str
     max_batch: int | None = None
+    reused: bool = False
 
 
 MAX_BATCH_METHOD = "get_max_batch"  # constant method that records a .pte's batch bound
@@ -211,7 +212,46 @@ def _planned_batch(edge):
     return eval_upper_bound(node.meta["val"].shape[0])
 
 
-def export_executorch(model, example_inputs, path, delegate="xnnpack", max_batch=None):
+def program_digest(program, example_inputs, delegate="xnnpack", max_batch=None):
+    """SHA-256 of what a lowering depends on: the exported graph's code, every weight and constant
+    (name, dtype, shape, bytes), the example inputs' shapes and dtypes, ``delegate``,
+    ``max_batch`` and the torch / ExecuTorch versions. Two programs with the same digest lower
+    to the same ``.pte``. Taught in 12_qat_language_model."""
+    import hashlib
+    from importlib.metadata import version
+
+    import torch
+
+    h = hashlib.sha256()
+    h.update(repr((delegate, max_batch, [(tuple(x.shape), str(x.dtype)) for x in example_inputs],
+                   torch.__version__, version("executorch"))).encode())
+    h.update(program.graph_module.code.encode())
+    for name, value in sorted({**program.state_dict, **program.constants}.items()):
+        h.update(name.encode())
+        _hash_value(h, value)
+    return h.hexdigest()
+
+
+def _hash_value(h, value):
+    """Feed a tensor (a tensor subclass through its inner tensors and metadata) or any other value to ``h``."""
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        h.update(repr(value).encode())
+        return
+    if type(value) not in (torch.Tensor, torch.nn.Parameter) and hasattr(value, "__tensor_flatten__"):
+        names, meta = value.__tensor_flatten__()   # e.g. torchao's quantized weights: qdata, scale, ...
+        h.update(repr((type(value).__name__, meta, tuple(value.shape))).encode())
+        for n in names:
+            h.update(n.encode())
+            _hash_value(h, getattr(value, n))
+        return
+    t = value.detach().cpu().contiguous().reshape(-1)
+    h.update(repr((str(t.dtype), tuple(value.shape))).encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def export_executorch(model, example_inputs, path, delegate="xnnpack", max_batch=None, reuse=False):
     """Lower ``model`` to an ExecuTorch program and write it atomically to ``path`` (.pte).
 
     Taught in 05_deployment. ``torch.export`` → ``to_edge_transform_and_lower``
@@ -235,7 +275,14 @@ def export_executorch(model, example_inputs, path, delegate="xnnpack", max_batch
     ``N`` is stored in the file as the constant method ``get_max_batch``;
     :func:`load_executorch` enforces the smaller of it and the planned input size.
     Returns an :class:`ExportSummary` with the delegation counts.
+
+    Lowering is the slow step (a minute for a small LLM on 2 cores). With ``reuse=True`` the
+    exported program's :func:`program_digest` is compared with the one stored beside an
+    existing ``path`` (in ``<path>.json``, written after the file): when they match, the
+    file is that program's and is kept, and the summary says ``reused=True``.
     """
+    import json
+
     import torch
 
     _require("executorch.exir", "export_executorch")
@@ -269,6 +316,18 @@ def export_executorch(model, example_inputs, path, delegate="xnnpack", max_batch
         batch = torch.export.Dim("batch", min=1, max=max_batch)
         shapes = ({0: batch},) + tuple(None for _ in example_inputs[1:])
         program = torch.export.export(model, example_inputs, dynamic_shapes=shapes)
+    path = Path(path)
+    sidecar = path.with_name(path.name + ".json")
+    digest = program_digest(program, example_inputs, delegate, max_batch) if reuse else None
+    if reuse and path.is_file() and sidecar.is_file():
+        try:
+            stored = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            stored = {}
+        if stored.get("digest") == digest and stored.get("bytes") == file_size(path):
+            return ExportSummary(path=path, bytes=stored["bytes"], delegated_nodes=stored["delegated_nodes"],
+                                 non_delegated_nodes=stored["non_delegated_nodes"], summary=stored["summary"],
+                                 max_batch=stored["max_batch"], reused=True)
     methods = None if max_batch is None else {MAX_BATCH_METHOD: max_batch}
     edge = to_edge_transform_and_lower(program, partitioner=partitioner, constant_methods=methods)
     if max_batch is not None:
@@ -282,12 +341,20 @@ def export_executorch(model, example_inputs, path, delegate="xnnpack", max_batch
             max_batch = planned
     info = get_delegation_info(edge.exported_program().graph_module)
     buffer = edge.to_executorch().buffer
-    path = Path(path)
+    if sidecar.exists():
+        sidecar.unlink()   # the old digest no longer describes the file about to be written
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer)
-    return ExportSummary(path=path, bytes=file_size(path), delegated_nodes=info.num_delegated_nodes,
-                         non_delegated_nodes=info.num_non_delegated_nodes,
-                         summary=info.get_summary().strip(), max_batch=max_batch)
+    summary = ExportSummary(path=path, bytes=file_size(path), delegated_nodes=info.num_delegated_nodes,
+                            non_delegated_nodes=info.num_non_delegated_nodes,
+                            summary=info.get_summary().strip(), max_batch=max_batch)
+    if reuse:
+        record = {"digest": digest, "bytes": summary.bytes, "delegated_nodes": summary.delegated_nodes,
+                  "non_delegated_nodes": summary.non_delegated_nodes, "summary": summary.summary,
+                  "max_batch": summary.max_batch}
+        with atomic_path(sidecar) as tmp:
+            tmp.write_text(json.dumps(record))
+    return summary
 
 
 def load_executorch(path, threads=2, max_batch=None):

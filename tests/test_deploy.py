@@ -1,5 +1,6 @@
 """qatlab.deploy: sizes, timing, parity, and a .pte / .onnx round trip on a tiny model."""
 
+import copy
 import warnings
 
 import pytest
@@ -312,3 +313,40 @@ def test_benchmark_records_the_threads_of_the_runtime_that_ran(int8_tiny, tmp_pa
             deploy.load_onnx(tmp_path / "tiny.onnx", threads=bad)
         with pytest.raises(ValueError, match="threads must be an int >= 1"):
             deploy.load_executorch(tmp_path / "tiny.pte", threads=bad)
+
+
+def test_export_executorch_reuses_a_file_only_for_the_same_program(int8_tiny, tmp_path):
+    """reuse=True keeps a .pte whose stored digest matches the program; any change of weights,
+    example shape or batch bound lowers again, and a lowering without reuse drops the stale digest."""
+    path = tmp_path / "tiny.pte"
+    x = torch.randn(4, 1, 8, 8)
+    first = deploy.export_executorch(int8_tiny, (x,), path, reuse=True)
+    assert not first.reused and (tmp_path / "tiny.pte.json").exists()
+    again = deploy.export_executorch(int8_tiny, (x,), path, reuse=True)
+    assert again.reused and again.bytes == first.bytes == deploy.file_size(path)
+    assert (again.delegated_nodes, again.max_batch) == (first.delegated_nodes, first.max_batch)
+    program = torch.export.export(int8_tiny, (x,))
+    digest = deploy.program_digest(program, (x,))
+    assert digest != deploy.program_digest(program, (x[:2],))             # another example shape
+    assert digest != deploy.program_digest(program, (x,), max_batch=8)    # another batch bound
+    other = copy.deepcopy(int8_tiny)
+    with torch.no_grad():
+        next(p for p in other.parameters() if p.dtype.is_floating_point).add_(1.0)
+    assert not deploy.export_executorch(other, (x,), path, reuse=True).reused   # other weights: lowered again
+    deploy.export_executorch(int8_tiny, (x,), path)                      # no reuse: the stale digest is removed
+    assert not (tmp_path / "tiny.pte.json").exists()
+
+
+def test_program_digest_sees_torchao_quantized_weights():
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    def quantized(seed):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(64, 32))
+        quantize_(m, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32)))
+        return torch.export.export(m, (torch.randn(2, 64),))
+
+    x = (torch.randn(2, 64),)
+    a, b, c = quantized(0), quantized(0), quantized(1)
+    assert deploy.program_digest(a, x) == deploy.program_digest(b, x) != deploy.program_digest(c, x)
