@@ -328,6 +328,7 @@ class Recovered:
     level: float
     n_boot: int
     undefined: int  # bootstrap replicates where PTQ lost nothing (fraction undefined, dropped)
+    items: str = "images"  # what the arms were scored on, and the bootstrap resampled
 
     def meets(self, goal):
         """Judged on the lower confidence bound: ``ci_low >= goal``."""
@@ -335,25 +336,36 @@ class Recovered:
 
     def __str__(self):
         return (f"recovered {self.estimate:.2f} ({round(100 * self.level)} % CI "
-                f"[{self.ci_low:.2f}, {self.ci_high:.2f}], bootstrap over seeds and images)")
+                f"[{self.ci_low:.2f}, {self.ci_high:.2f}], bootstrap over seeds and {self.items})")
 
 
-def _as_seed_matrix(x, name):
+def _as_scores(x, name):
+    import torch
+
+    t = torch.as_tensor(x)
+    if t.dim() != 1 or t.numel() == 0 or not t.dtype.is_floating_point or not bool(t.isfinite().all()):
+        raise ValueError(f"{name} must be a non-empty 1-d float vector of finite per-item losses, "
+                         f"got {t.dtype} of shape {tuple(t.shape)}")
+    return t.double()
+
+
+def _as_seed_matrix(x, name, losses=False):
     import torch
 
     runs = [x] if (hasattr(x, "dim") and x.dim() == 1) or (
         isinstance(x, list | tuple) and x and isinstance(x[0], bool | int | float)) else list(x)
     if not runs:
-        raise ValueError(f"{name} must hold at least one seed's per-image correctness")
-    rows = [_as_bools(r, name) for r in runs]
+        raise ValueError(f"{name} must hold at least one seed's per-item scores")
+    rows = [_as_scores(r, name) if losses else _as_bools(r, name) for r in runs]
     if len({r.numel() for r in rows}) != 1:
-        raise ValueError(f"every seed of {name} must score the same images, got sizes "
+        raise ValueError(f"every seed of {name} must score the same items, got sizes "
                          f"{[r.numel() for r in rows]}")
-    return torch.stack(rows).float()
+    return torch.stack(rows).double() if losses else torch.stack(rows).float()
 
 
-def recovered_fraction_ci(fp32, ptq, qat, n_boot=2000, seed=0, level=0.95):
-    """``(qat - ptq) / (fp32 - ptq)`` with a two-level bootstrap interval over seeds and images.
+def recovered_fraction_ci(fp32, ptq, qat, n_boot=2000, seed=0, level=0.95, lower_is_better=False,
+                          items="images"):
+    """``(qat - ptq) / (fp32 - ptq)`` with a two-level bootstrap interval over seeds and items.
 
     Each argument is a list over seeds of per-image correctness vectors on the **same** test
     images (a single vector is one seed). One bootstrap replicate draws, for each arm, its seeds
@@ -361,6 +373,12 @@ def recovered_fraction_ci(fp32, ptq, qat, n_boot=2000, seed=0, level=0.95):
     are paired on images); the accuracy of an arm is the mean over its drawn seeds and images.
     The interval is the percentile interval of the replicates; replicates where PTQ lost nothing
     (``fp32 <= ptq``) have no fraction and are dropped (counted in ``undefined``).
+
+    ``lower_is_better=True`` takes per-item **losses** instead (float vectors, e.g. the bits per
+    byte of each evaluation window of a language model, 12_qat_language_model): the fraction is
+    then ``(ptq - qat) / (ptq - fp32)``, the same formula on the negated scores, and a replicate
+    is undefined where PTQ's loss is not above fp32's. ``items`` names what was scored, for
+    messages and the printed interval.
 
     >>> import torch
     >>> g = torch.Generator().manual_seed(0)
@@ -370,6 +388,10 @@ def recovered_fraction_ci(fp32, ptq, qat, n_boot=2000, seed=0, level=0.95):
     >>> r = recovered_fraction_ci(fp32, ptq, qat)
     >>> 0.8 < r.estimate < 1.0 and r.ci_low < r.estimate < r.ci_high
     True
+    >>> bpb = 2.6 + 0.3 * torch.rand(64, generator=g)             # a loss per evaluation window
+    >>> r = recovered_fraction_ci(bpb, bpb + 0.5, bpb + 0.1, lower_is_better=True, items="windows")
+    >>> round(r.estimate, 6), r.items
+    (0.8, 'windows')
     """
     import torch
 
@@ -377,15 +399,19 @@ def recovered_fraction_ci(fp32, ptq, qat, n_boot=2000, seed=0, level=0.95):
         raise ValueError(f"level must be in (0, 1), got {level!r}")
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 100:
         raise ValueError(f"n_boot must be an int >= 100, got {n_boot!r}")
-    arms = [_as_seed_matrix(x, name) for x, name in ((fp32, "fp32"), (ptq, "ptq"), (qat, "qat"))]
+    arms = [_as_seed_matrix(x, name, losses=lower_is_better)
+            for x, name in ((fp32, "fp32"), (ptq, "ptq"), (qat, "qat"))]
+    if lower_is_better:
+        arms = [-a for a in arms]   # a loss, negated, is a score: the same formula and the same drops
     n_img = arms[0].shape[1]
     if any(a.shape[1] != n_img for a in arms):
-        raise ValueError(f"fp32, ptq and qat must score the same images, got "
+        raise ValueError(f"fp32, ptq and qat must score the same {items}, got "
                          f"{[a.shape[1] for a in arms]}")
     acc = [a.mean().item() for a in arms]
     if not acc[0] > acc[1]:
-        raise ValueError(f"PTQ loses nothing (fp32 {100 * acc[0]:.2f} %, PTQ {100 * acc[1]:.2f} %): "
-                         f"there is no drop to recover")
+        what = (f"fp32 {-acc[0]:.4f}, PTQ {-acc[1]:.4f}" if lower_is_better
+                else f"fp32 {100 * acc[0]:.2f} %, PTQ {100 * acc[1]:.2f} %")
+        raise ValueError(f"PTQ loses nothing ({what}): there is no drop to recover")
     estimate = (acc[2] - acc[1]) / (acc[0] - acc[1])
     g = torch.Generator().manual_seed(seed)
     boot = []
@@ -405,7 +431,7 @@ def recovered_fraction_ci(fp32, ptq, qat, n_boot=2000, seed=0, level=0.95):
         raise ValueError(f"PTQ's drop is within noise: in {n_boot - ok.numel()} of {n_boot} bootstrap "
                          f"replicates PTQ lost nothing, so the recovered fraction is undefined")
     q = torch.quantile(ok.double(), torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
-    return Recovered(estimate, q[0].item(), q[1].item(), level, n_boot, n_boot - ok.numel())
+    return Recovered(estimate, q[0].item(), q[1].item(), level, n_boot, n_boot - ok.numel(), items)
 
 
 @dataclass(frozen=True)

@@ -103,25 +103,6 @@ def test_train_lm_is_deterministic_per_seed_and_distills(corpus):
         lm.train_lm(student, corpus.train, -1)
 
 
-def test_recovered_fraction_identities():
-    g = torch.Generator().manual_seed(0)
-    fp32 = [torch.rand(40, generator=g) + 2 for _ in range(3)]
-    ptq = [f + 1 for f in fp32]
-    full = lm.recovered_fraction_bpb_ci(fp32, ptq, [f.clone() for f in fp32], n_boot=200)
-    none = lm.recovered_fraction_bpb_ci(fp32, ptq, [p.clone() for p in ptq], n_boot=200)
-    half = lm.recovered_fraction_bpb_ci(fp32, ptq, [f + 0.5 for f in fp32], n_boot=200)
-    assert full.estimate == pytest.approx(1.0) and none.estimate == pytest.approx(0.0)
-    assert half.estimate == pytest.approx(0.5)
-    assert half.ci_low < 0.5 < half.ci_high   # seeds are resampled per arm: their spread widens the interval
-    # one seed: the windows are shared by the arms, and the same shift in every window leaves no spread
-    one = lm.recovered_fraction_bpb_ci(fp32[0], ptq[0], fp32[0] + 0.5, n_boot=200)
-    assert one.ci_low == pytest.approx(0.5) and one.ci_high == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="no increase"):
-        lm.recovered_fraction_bpb_ci(ptq, fp32, fp32, n_boot=200)
-    with pytest.raises(TypeError):
-        lm.recovered_fraction_bpb_ci([1.0, 2.0], ptq, ptq)
-
-
 def test_baseline_is_cached_and_retrained_when_corrupt_or_from_another_recipe(tmp_path, corpus):
     path = tmp_path / "llama.pt"
     with pytest.raises(FileNotFoundError, match="notebook 12"):

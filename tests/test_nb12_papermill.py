@@ -1,7 +1,9 @@
 """Notebook 12 runs end to end with another seed and a cheaper parameter set, and its metrics are sane.
 
-The cheap run pretrains its own small baseline (20 steps, a checkpoint file of its own beside the default one), so
-nothing here rests on how good the model is: only on what holds by construction or by definition.
+The cheap run shares the cached pretrained baseline and its fp32 `.pte` with the default run (in a
+full `make test` it is the first to need them, so it trains and lowers them once for every later
+run); its fine-tunes are a few steps long, so nothing here rests on how much QAT wins: only on what
+holds by construction or by definition.
 """
 
 import math
@@ -13,8 +15,8 @@ from qatlab import lm
 
 @pytest.mark.notebook
 def test_nb12_runs_with_seed_1(run_notebook, notebook_build):
-    r = run_notebook("12_qat_language_model", seed=1, pretrain_steps=20, seeds=2, steps=4, batch_size=4,
-                     eval_windows=8, gen_tokens=16, n_boot=200, threads=1)
+    r = run_notebook("12_qat_language_model", seed=1, seeds=2, steps=4, batch_size=4,
+                     eval_windows=8, n_boot=200, threads=1)
     assert r["seeds"] == 2
     assert 0.5 < r["llm_fp32_bpb"] < 8.0          # below uniform guessing over 256 bytes
     assert r["llm_corpus_bytes"] == 3_000_000
@@ -44,8 +46,6 @@ def test_nb12_runs_with_seed_1(run_notebook, notebook_build):
                  "goal_seeds_met"):
         assert r[goal] in (0, 1)
     assert r["goal_seeds_met"] == 0   # 2 seeds: reported as MISSED, not hidden
-    # the cheap pretraining has a checkpoint (and so .pte names) of its own, apart from the default one
-    stem = lm.checkpoint_path(steps=20).stem
-    assert stem != "llama_bytes"
+    stem = lm.checkpoint_path().stem
     for name in (f"{stem}_fp32.pte", f"{stem}_8da4w.pte"):
         assert (notebook_build / "artifacts" / "12_qat_language_model" / name).stat().st_size > 100_000

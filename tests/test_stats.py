@@ -165,3 +165,27 @@ def test_t_tests_reject_a_bad_min_se(bad):
     for test in (paired_t, welch_t):
         with pytest.raises(ValueError, match="min_se must be a finite number >= 0"):
             test([1.0, 2.0], [1.5, 2.5], min_se=bad)
+
+
+def test_recovered_fraction_of_a_loss_identities():
+    """lower_is_better: per-window losses (bits per byte), the fraction (ptq - qat) / (ptq - fp32)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    fp32 = [torch.rand(40, generator=g) + 2 for _ in range(3)]
+    ptq = [f + 1 for f in fp32]
+    full = recovered_fraction_ci(fp32, ptq, [f.clone() for f in fp32], n_boot=200, lower_is_better=True)
+    none = recovered_fraction_ci(fp32, ptq, [p.clone() for p in ptq], n_boot=200, lower_is_better=True)
+    half = recovered_fraction_ci(fp32, ptq, [f + 0.5 for f in fp32], n_boot=200, lower_is_better=True)
+    assert full.estimate == pytest.approx(1.0) and none.estimate == pytest.approx(0.0)
+    assert half.estimate == pytest.approx(0.5)
+    assert half.ci_low < 0.5 < half.ci_high   # seeds are resampled per arm: their spread widens the interval
+    # one seed: the windows are shared by the arms, and the same shift in every window leaves no spread
+    one = recovered_fraction_ci(fp32[0], ptq[0], fp32[0] + 0.5, n_boot=200, lower_is_better=True)
+    assert one.ci_low == pytest.approx(0.5) and one.ci_high == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="no drop to recover"):
+        recovered_fraction_ci(ptq, fp32, fp32, n_boot=200, lower_is_better=True)
+    with pytest.raises(ValueError, match="float vector of finite per-item losses"):   # correctness is not a loss
+        recovered_fraction_ci([f > 2.5 for f in fp32], ptq, ptq, lower_is_better=True)
+    with pytest.raises(ValueError, match="same windows"):
+        recovered_fraction_ci(fp32, ptq, [p[:10] for p in ptq], lower_is_better=True, items="windows")
