@@ -82,6 +82,12 @@ def _check_step(name, value):
 class QATRecipe:
     """The course's QAT recipe: optimizer, steps, freeze steps, learning-rate drop. Taught in 04_qat_training.
 
+    When to use it at all: start with the strongest cheap post-training quantization
+    (per-channel weight scales, then cross-layer equalization and bias correction, then AdaRound
+    or GPTQ: :mod:`qatlab.equalize`, :mod:`qatlab.bias_correction`, :mod:`qatlab.adaround`,
+    :mod:`qatlab.gptq`, measured in 11_strongest_ptq), and train with this recipe only where that
+    still loses more accuracy than you can afford (06_when_qat_pays_off's decision guide).
+
     ``freeze_bn_at`` / ``freeze_observers_at`` are steps counted from 0, ``None`` (never) or
     ``"auto"`` (the defaults: ``steps // 2`` and ``3 * steps // 4``, resolved when the recipe
     is made). See the module docstring for where every default comes from.
