@@ -26,9 +26,14 @@ run: setup
 
 ## test: every test: unit tests, doctests, nbval over every notebook, a papermill run of
 ## every notebook with a second parameter set, student copies, the browser test, ruff.
+## One pytest-xdist worker per CPU this process may use (affinity and cgroup quota, at most 4;
+## WORKERS=1 for one process), each with one torch thread; --dist loadscope keeps the cells of
+## a notebook (nbval) and the tests of a file in one worker, in order.
+WORKERS ?= $(shell $(PY) -c 'from qatlab.threads import available_cpus; print(max(1, min(4, int(available_cpus()))))')
 test: setup
 	$(PY) -m ruff check qatlab tests notebooks
-	QATLAB_BUILD=$(CURDIR)/build/test $(OFFLINE) $(PY) -m pytest --nbval-lax --durations=15 tests qatlab notebooks
+	QATLAB_BUILD=$(CURDIR)/build/test QATLAB_THREADS=1 $(OFFLINE) $(PY) -m pytest -n $(WORKERS) --dist loadscope \
+		--nbval-lax --durations=25 tests qatlab notebooks
 
 ## test-fast: unit tests and doctests only (no notebooks, no browser)
 test-fast: setup

@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from .data import load_dataset
-from .files import atomic_path, build_dir
+from .files import atomic_path, build_dir, locked
 from .training import evaluate, set_seed, train
 
 # model name -> (class name in qatlab.models, checkpoint file, training recipe)
@@ -96,9 +96,11 @@ def load_baseline(path=None, train_if_missing=True, model="smallcnn"):
         if not train_if_missing:
             nb = RECIPES[model]["notebook"]
             raise FileNotFoundError(f"no {model} checkpoint at {path}; run notebook {nb} first")
-        warnings.warn(f"no {model} checkpoint at {path}: training it now", stacklevel=2)
-        net, _ = train_baseline(path=path, model=model)
-        return net
+        with locked(path):  # another process training the same baseline: wait for it, then load its file
+            if not path.exists():
+                warnings.warn(f"no {model} checkpoint at {path}: training it now", stacklevel=2)
+                net, _ = train_baseline(path=path, model=model)
+                return net
     net = make_model(model)
     try:
         ckpt = torch.load(path, weights_only=True, map_location="cpu")

@@ -57,3 +57,33 @@ def atomic_path(path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def locked(path):
+    """Hold an exclusive lock tied to ``path`` (on ``.<name>.lock`` beside it) for the block.
+
+    Two processes that make the same file (two kernels of a class, two test workers training
+    the same baseline) take turns: the second waits, then finds the file made and loads it
+    instead of making it again. The lock is ``fcntl.flock``, released when the block ends
+    or the process dies; where ``fcntl`` does not exist (Windows) the block runs unlocked.
+
+    >>> import tempfile, pathlib
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "model.pt"
+    >>> with locked(target):
+    ...     target.exists()
+    False
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

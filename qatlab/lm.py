@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import atomic_path, build_dir
+from .files import atomic_path, build_dir, locked
 
 VOCAB = 256  # one token per byte value
 CORPUS_BYTES = 3_000_000
@@ -356,5 +356,9 @@ def load_lm_baseline(corpus=None, path=None, train_if_missing=True, progress=Non
             why = f"checkpoint {path} is corrupt or not this model ({type(e).__name__}: {e})"
         if not train_if_missing:
             raise ValueError(why)
-    warnings.warn(f"{why}: pretraining the byte-level Llama now", stacklevel=2)
-    return train_lm_baseline(corpus, path=path, progress=progress, **recipe).eval()
+    with locked(path):  # another process pretraining the same recipe: wait for it, then load its file
+        made_meanwhile = why.startswith("no checkpoint") and path.exists()
+        if not made_meanwhile:
+            warnings.warn(f"{why}: pretraining the byte-level Llama now", stacklevel=2)
+            return train_lm_baseline(corpus, path=path, progress=progress, **recipe).eval()
+    return load_lm_baseline(corpus, path=path, train_if_missing=train_if_missing, progress=progress, **recipe)

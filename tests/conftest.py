@@ -1,10 +1,17 @@
-"""Shared fixtures. Every notebook run of a session shares one build folder, so each cached
-baseline (the SmallCNN of notebook 00, TinyMobileNet, TinyViT, ResNet-20, the byte-level
-Llama) is trained once, by the first run that needs it, and reused by the papermill runs,
-the student copies and nbval alike. That folder is ``$QATLAB_BUILD`` when it is set
-(``make test`` sets ``build/test``, where nbval's kernels write too), else a scratch one.
-A cheaper pretraining asked for by a test gets a checkpoint file of its own
-(:func:`qatlab.lm.checkpoint_path`), so it never replaces the default one."""
+"""Shared fixtures.
+
+Every notebook run of a session shares the cached baselines (the SmallCNN of notebook 00,
+TinyMobileNet, TinyViT, ResNet-20, the byte-level Llama): each is trained once, by the first
+run that needs it, and reused by the papermill runs, the student copies and nbval alike. They
+live in ``checkpoints/`` of the session's build folder, ``$QATLAB_BUILD`` when it is set
+(``make test`` sets ``build/test``, where nbval's kernels write too), else a scratch one. Two
+test workers (``make test`` runs pytest-xdist) that need the same missing baseline take turns
+on a file lock (:func:`qatlab.files.locked`): one trains it, the other loads it.
+
+The papermill runs write everything else (executed copies, results, artifacts, runs of
+``train_qat``) into ``papermill/`` of that folder, apart from nbval's kernels, which may run
+the same notebook at the same moment in the other worker. A cheaper pretraining asked for by
+a test gets a checkpoint file of its own (:func:`qatlab.lm.checkpoint_path`)."""
 
 import json
 import os
@@ -28,20 +35,35 @@ def notebook_build(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def run_notebook(notebook_build):
+def papermill_build(notebook_build):
+    """``<build>/papermill``: the papermill runs' own build folder, whose ``checkpoints`` is a link
+    to the session's shared one."""
+    path = notebook_build / "papermill"
+    path.mkdir(exist_ok=True)
+    (notebook_build / "checkpoints").mkdir(exist_ok=True)
+    link = path / "checkpoints"
+    try:
+        link.symlink_to(notebook_build / "checkpoints", target_is_directory=True)
+    except FileExistsError:  # made by an earlier session, or by the other worker a moment ago
+        pass
+    return path
+
+
+@pytest.fixture(scope="session")
+def run_notebook(papermill_build):
     """``run_notebook(stem, **params) -> dict`` of the metrics that run recorded.
 
-    Executes ``notebooks/<stem>.ipynb`` with papermill and the given parameters
-    into the session's scratch build folder, and returns
-    ``build/results/<stem>.json`` plus ``seconds``.
+    Executes ``notebooks/<stem>.ipynb`` with papermill and the given parameters with
+    ``QATLAB_BUILD`` set to :func:`papermill_build`, and returns its
+    ``results/<stem>.json`` plus ``seconds``.
     """
     from qatlab.runner import execute
 
     def run(stem, **params):
-        out_dir = notebook_build / "executed"
+        out_dir = papermill_build / "executed"
         out_dir.mkdir(parents=True, exist_ok=True)
         old = os.environ.get("QATLAB_BUILD")
-        os.environ["QATLAB_BUILD"] = str(notebook_build)
+        os.environ["QATLAB_BUILD"] = str(papermill_build)
         try:
             # the path of `make run`: per-cell and per-notebook time limits, no kernel left behind
             _, seconds = execute(NOTEBOOKS / f"{stem}.ipynb", out_dir, params)
@@ -50,12 +72,24 @@ def run_notebook(notebook_build):
                 os.environ.pop("QATLAB_BUILD")
             else:
                 os.environ["QATLAB_BUILD"] = old
-        results = json.loads((notebook_build / "results" / f"{stem}.json").read_text())
+        results = json.loads((papermill_build / "results" / f"{stem}.json").read_text())
         results["seconds"] = seconds
         print(f"{stem} {params}: {results}")
+        assert_verdicts_agree(out_dir / f"{stem}.ipynb")
         return results
 
     return run
+
+
+def assert_verdicts_agree(path):
+    """Every verdict this executed notebook printed agrees with the numbers printed beside it
+    (``test_prose.verdict_contradictions``): checked on each papermill run as it ends."""
+    import nbformat
+    from test_prose import _outputs_text, verdict_contradictions
+
+    nb = nbformat.read(path, as_version=4)
+    problems = [f"{path.name} cell {i}: {p}" for i, text in _outputs_text(nb) for p in verdict_contradictions(text)]
+    assert not problems, "printed verdicts contradict their numbers:\n" + "\n".join(problems)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -66,8 +100,16 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     """Kernels that nbval and papermill start here are headless: no front end draws widgets
-    (qatlab.interactive draws each explorer once instead). The browser test unsets it."""
+    (qatlab.interactive draws each explorer once instead). The browser test unsets it.
+
+    With ``QATLAB_THREADS`` set (``make test`` sets 1: one torch thread per xdist worker, so two
+    workers on two cores do not fight over them), this process uses that many torch threads
+    too, as the kernels it starts do (:func:`qatlab.set_threads`)."""
     os.environ["QATLAB_HEADLESS"] = "1"
+    if os.environ.get("QATLAB_THREADS"):
+        from qatlab.threads import set_threads
+
+        set_threads()
 
 
 # --- nbval: the same time limits as `make run` (qatlab.runner.time_limits) ------------------------

@@ -4,7 +4,7 @@ import pytest
 
 
 @pytest.mark.notebook
-def test_nb07_runs_with_seed_1(run_notebook, notebook_build):
+def test_nb07_runs_with_seed_1(run_notebook, papermill_build):
     # one torch thread (the notebook's default too): this model's ops are too small to gain much
     # from a second one, and a second thread stalls every op when the machine is busy
     r = run_notebook("07_qat_transformers", seed=1, seeds=2, extra_steps=16, repeats=6, threads=1)
@@ -35,4 +35,4 @@ def test_nb07_runs_with_seed_1(run_notebook, notebook_build):
         assert r[goal] in (0, 1)
     assert r["goal_seeds_met"] == 0  # 2 seeds: reported as MISSED, not hidden
     for name in ("tinyvit_fp32.pte", "tinyvit_8da4w.pte"):
-        assert (notebook_build / "artifacts" / "07_qat_transformers" / name).stat().st_size > 50_000
+        assert (papermill_build / "artifacts" / "07_qat_transformers" / name).stat().st_size > 50_000

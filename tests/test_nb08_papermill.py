@@ -4,7 +4,7 @@ import pytest
 
 
 @pytest.mark.notebook
-def test_nb08_runs_with_seed_1(run_notebook, notebook_build):
+def test_nb08_runs_with_seed_1(run_notebook, notebook_build, papermill_build):
     _reuse_trained_baseline(notebook_build)
     r = run_notebook("08_qat_at_scale", seed=1, steps=24, checkpoint_every=6, scaling_rounds=3, scaling_steps=4)
     assert r["resume_bitexact"] == 1 and r["shipped_model_rank_independent"] == 1
@@ -18,7 +18,7 @@ def test_nb08_runs_with_seed_1(run_notebook, notebook_build):
     assert 0.1 < r["ddp2_throughput_over_ddp1"] < 10 and r["ddp2_throughput_over_ddp1_sd"] >= 0
     assert 0 < r["ddp1_cpu_share"] <= 1.5 and 0.1 < r["ddp2_cpu_per_image_over_ddp1"] < 10
     assert r["goal_ddp_acc_met"] in (0, 1)
-    runs = notebook_build / "train_qat" / "08_seed1"
+    runs = papermill_build / "train_qat" / "08_seed1"
     for name in ("one", "two", "two_no_sync", "crash"):
         assert (runs / name / "model_int8.pt").exists(), name
 

@@ -14,7 +14,7 @@ from qatlab import lm
 
 
 @pytest.mark.notebook
-def test_nb12_runs_with_seed_1(run_notebook, notebook_build):
+def test_nb12_runs_with_seed_1(run_notebook, papermill_build):
     r = run_notebook("12_qat_language_model", seed=1, seeds=2, steps=4, batch_size=4,
                      eval_windows=8, n_boot=200, threads=1)
     assert r["seeds"] == 2
@@ -48,4 +48,4 @@ def test_nb12_runs_with_seed_1(run_notebook, notebook_build):
     assert r["goal_seeds_met"] == 0   # 2 seeds: reported as MISSED, not hidden
     stem = lm.checkpoint_path().stem
     for name in (f"{stem}_fp32.pte", f"{stem}_8da4w.pte"):
-        assert (notebook_build / "artifacts" / "12_qat_language_model" / name).stat().st_size > 100_000
+        assert (papermill_build / "artifacts" / "12_qat_language_model" / name).stat().st_size > 100_000

@@ -242,10 +242,12 @@ def test_every_verdict_pattern_catches_its_contradiction():
     assert not [t for t in good if verdict_contradictions(t)]
 
 
-def test_printed_verdicts_agree_with_printed_numbers(notebook_build):
-    paths = executed_notebooks([notebook_build / "executed"])
+def test_printed_verdicts_agree_with_printed_numbers():
+    """The notebooks `make run` executed (each papermill test checks its own run as it ends:
+    tests/conftest.py, assert_verdicts_agree)."""
+    paths = executed_notebooks()
     if not paths:
-        pytest.skip("no executed notebooks yet (make run, or the notebook tests of this session)")
+        pytest.skip("no executed notebooks in build/executed (make run)")
     problems = []
     for path in paths:
         nb = nbformat.read(path, as_version=4)

@@ -56,3 +56,22 @@ def test_readme_gives_the_two_commands_and_ci_runs_the_test_one():
     assert "make run" in readme and "make test" in readme
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^make test$", ci, flags=re.M)
+
+
+def test_a_file_lock_makes_a_second_process_wait(tmp_path):
+    """qatlab.files.locked: while one process holds the lock of a path, another blocks on it."""
+    import subprocess
+    import sys
+    import time
+
+    from qatlab.files import locked
+
+    target = tmp_path / "baseline.pt"
+    code = ("import sys, time; from qatlab.files import locked\n"
+            f"t = time.monotonic()\nwith locked({str(target)!r}):\n    print(time.monotonic() - t)\n")
+    with locked(target):
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        assert child.poll() is None, "the second process did not wait for the lock"
+    waited = float(child.communicate(timeout=60)[0])
+    assert waited >= 1.0
