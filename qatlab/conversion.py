@@ -324,7 +324,8 @@ def convert_int8(model):
         m.training = False
         with pattern_cache():
             converted = allow_train_eval(convert_pt2e(m)).eval()
-        converted.input_shape = model.input_shape  # a deepcopy of a GraphModule drops extra attributes
+        # a deepcopy of a GraphModule drops extra attributes: the caller's model carries it, or its copy does not
+        converted.input_shape = getattr(model, "input_shape", None)
         return converted
     from torch.ao.quantization import convert
 

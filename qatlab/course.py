@@ -3,10 +3,10 @@
 Taught in 00_start_here (it prints the map); the README's "Map of the course" table is
 ``python -m qatlab.course`` (a test checks the two agree).
 
-Two paths: the **core path** (00-05) takes a reader from the arithmetic of fake quantization to
-QAT and an int8 file an edge runtime runs, with the recipe for their own model (05, and
-``python -m qatlab.train_qat --model MODULE:CALLABLE --data MODULE:CALLABLE``); the **deep dives**
-answer one question each. A reading time is the words of the notebook's text and code at
+Two paths: the **core path** (00-05, then 10) takes a reader from the arithmetic of fake
+quantization to QAT and an int8 file an edge runtime runs, and ends with the capstone, 10: the
+recipe on their own model through ``python -m qatlab.train_qat --model MODULE:CALLABLE --data
+MODULE:CALLABLE``; the **deep dives** answer one question each. A reading time is the words of the notebook's text and code at
 :data:`WORDS_PER_MINUTE`, rounded up to 5 minutes; running the notebook adds its run time.
 """
 
@@ -31,6 +31,9 @@ MAP = {
                         "PTQ fairly"),
     "05_deployment": ("core", "you want an int8 file an edge runtime runs (ExecuTorch, ONNX Runtime), "
                       "measured and parity-checked, and the recipe for your own model"),
+    "10_qat_your_own_model": ("core", "you want to QAT and ship your own model: a residual network through "
+                              "train_qat's entry point, compared over seeds with the strongest PTQ and an fp32 "
+                              "fine-tune, a parity-checked .pte, and what a QAT step costs"),
     "06_when_qat_pays_off": ("deep dive", "you must decide whether QAT is worth its cost for a bit width or an "
                              "architecture, or your QAT run collapses"),
     "07_qat_transformers": ("deep dive", "your model is a transformer: group-wise int4/int2 weights and "

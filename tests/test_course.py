@@ -30,3 +30,10 @@ def test_a_notebook_missing_from_the_map_is_an_error(tmp_path):
     (tmp_path / "99_extra.ipynb").write_text('{"cells": [{"source": ["# 99 · extra"]}]}')
     with pytest.raises(ValueError, match=r"present but not on the map \['99_extra'\]"):
         course.course_map(tmp_path)
+
+
+
+def test_the_capstone_ends_the_core_path():
+    core = [r[0] for r in course.course_map() if r[2] == "core"]
+    assert [stem[:2] for stem in core] == ["00", "01", "02", "03", "04", "05", "10"]
+    assert core[-1] == "10_qat_your_own_model"
