@@ -51,7 +51,7 @@ BatchNorm freeze), for eager ``torch.ao.quantization`` models (fused ``ConvBn*``
   (``bn_freeze_lr_factor=1`` turns it off, to compare).
 
 **Early and late.** A freeze is *late* when it happens in the second half of the QAT steps
-(``freeze_bn_at >= steps / 2``): BN has normalised each batch, with the fake-quantized weights,
+(``freeze_bn_at >= steps // 2``, the middle step or later): BN has normalised each batch, with the fake-quantized weights,
 for at least half of the fine-tune, and its running statistics have followed the weights.
 It is *early* in the first half; folding BN into the conv before QAT (notebook 03, "folding,
 then training") is the earliest freeze, step 0. By this definition the default, half of the
@@ -184,7 +184,7 @@ class QATRecipe:
         """``"never"``, ``"early"`` (first half of the steps) or ``"late"`` (second half): see the module docstring."""
         if self.freeze_bn_at is None or self.freeze_bn_at >= self.steps:
             return "never"
-        return "late" if 2 * self.freeze_bn_at >= self.steps else "early"
+        return "late" if self.freeze_bn_at >= self.steps // 2 else "early"
 
     def to_dict(self):
         """The recipe as plain data (for ``metrics.json`` and checkpoints)."""

@@ -39,6 +39,9 @@ def test_recipe_defaults_and_timing_words():
     assert [r.lr_at(k) for k in (0, 19, 20, 39)] == [0.01, 0.01, 0.01 * 0.1, 0.01 * 0.1]
     assert r.bn_freeze_timing() == "late"
     assert QATRecipe(steps=40, freeze_bn_at=19).bn_freeze_timing() == "early"
+    # an odd number of steps: the default freeze (steps // 2) is still the earliest late one
+    assert QATRecipe(steps=63).bn_freeze_timing() == "late"
+    assert QATRecipe(steps=63, freeze_bn_at=30).bn_freeze_timing() == "early"
     assert QATRecipe(steps=40, freeze_bn_at=None).bn_freeze_timing() == "never"
     assert QATRecipe(steps=40, freeze_bn_at=40).bn_freeze_timing() == "never"   # after the last step
     no_drop = QATRecipe(steps=10, bn_freeze_lr_factor=1)
