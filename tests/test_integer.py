@@ -596,6 +596,15 @@ def test_xnnpack_layers_bit_exact_against_executorch(executorch_program):
         assert torch.equal(h.long(), q_et.long().reshape(h.shape)), (layer["name"], I.step_differences(h, q_et))
 
 
+def _float_neighbours(x, n):
+    """``x`` and its ``n`` nearest float32 neighbours on each side."""
+    out, lo, hi = [x], x, x
+    for _ in range(n):
+        lo, hi = torch.nextafter(lo, lo - 1), torch.nextafter(hi, hi + 1)
+        out += [lo, hi]
+    return out
+
+
 def test_quantize_bias_divide_equals_onnx_runtime_where_the_two_roundings_disagree(tmp_path):
     """ORT quantizes a QDQ graph's float bias as round(b / (s_x s_w)); ExecuTorch multiplies by 1/s."""
     onnx = pytest.importorskip("onnx")
@@ -620,13 +629,18 @@ def test_quantize_bias_divide_equals_onnx_runtime_where_the_two_roundings_disagr
 
     # per channel, a bias whose b / s sits just above a half-integer: b * (1/s) lands on the other side
     s = layer["weight_scale"] * float(layer["input_scale"])
-    g, bias = torch.Generator().manual_seed(0), torch.empty(8)
+    g, bias = torch.Generator().manual_seed(0), torch.full((8,), float("nan"))
     for c in range(8):
-        while True:
-            b = (torch.rand(1, generator=g) - 0.5) * 2000 * s[c]
-            if torch.round(b * (1.0 / s[c])) != torch.round(b / s[c]):
-                bias[c] = b
+        # walk the float32 neighbours of (k + 1/2) s: where b / s and b * (1/s) fall on either side
+        # of the half-integer, the two roundings disagree (a few ulps wide, when it exists for this k)
+        for k in torch.randint(-1000, 1000, (200,), generator=g).tolist():
+            mid = torch.tensor((k + 0.5) * s[c].item(), dtype=torch.float32)
+            found = [b for b in _float_neighbours(mid, 8)
+                     if torch.round(b * (1.0 / s[c])) != torch.round(b / s[c])]
+            if found:
+                bias[c] = found[0]
                 break
+    assert not bias.isnan().any(), "no bias found where the two roundings disagree"
     graph = onnx.load(path)
     init, = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and list(i.dims) == [8]
              and numpy_helper.to_array(i).tolist() == pytest.approx(layer["bias"].tolist())]
