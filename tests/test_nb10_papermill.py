@@ -23,7 +23,7 @@ def test_nb10_runs_with_seed_1_cheaply(run_notebook):
     # the recovered fraction is what the accuracies say, and its interval holds it
     if r["capstone_ptq_drop_pp"] != 0:
         rec = (r["capstone_qat_acc"] - r["capstone_best_ptq_acc"]) / r["capstone_ptq_drop_pp"]
-        assert r["capstone_qat_recovered"] == pytest.approx(rec, abs=1e-9)
+        assert r["capstone_qat_recovered"] == pytest.approx(rec, abs=1e-5)   # float32 accuracies vs bool counts
     assert r["capstone_qat_recovered_ci_low"] <= r["capstone_qat_recovered"]
     assert 0.0 <= r["capstone_qat_vs_ptq_p"] <= 1.0
     assert 0.0 <= r["capstone_fold_max_abs_diff"] < 1e-3
