@@ -17,8 +17,8 @@ The capstone model is **ResNet-20**, the CIFAR ResNet of He et al., "Deep Residu
 for Image Recognition" (CVPR 2016, section 4.2): a 3×3 stem, three stages of three basic
 blocks with 16, 32 and 64 channels, global average pooling and one linear layer; the
 shortcuts that change shape subsample and pad with zero channels (the paper's option A), so
-the net has 0.27 M parameters. It is the model of the CIFAR-10 tables of LSQ (Esser et al.,
-ICLR 2020), PACT (Choi et al., 2018) and DoReFa-Net (Zhou et al., 2016). The residual add is a
+the net has 0.27 M parameters. It is the CIFAR-10 model of PACT's low-bit tables (Choi et al.,
+2018) and of many QAT papers since. The residual add is a
 plain ``+``: the PT2E flow (``torch.export`` → ``prepare_qat_pt2e``) sees it as an ``add`` op
 and quantizes it; torch's legacy eager API would need ``FloatFunctional`` there.
 
