@@ -225,6 +225,27 @@ def _as_min_se(min_se):
     return float(min_se)
 
 
+def discordant_min_se(hits_a, hits_b):
+    """The image-level floor of :func:`paired_t`'s standard error, in percentage points.
+
+    ``hits_a`` and ``hits_b`` are lists over seeds of per-image correctness on the same ``N``
+    images; with ``b_i + c_i`` images on which the two disagree in seed ``i`` (at least 1),
+    the floor is ``100 * sqrt(mean(b + c)) / N / sqrt(n)``. Taught in 10_qat_your_own_model.
+
+    >>> import torch
+    >>> a = [torch.arange(1000) < 980] * 3
+    >>> b = [torch.arange(1000) < 972] * 3          # 8 images apart in every seed
+    >>> round(discordant_min_se(a, b), 3)
+    0.163
+    """
+    a, b = _as_seed_matrix(hits_a, "hits_a"), _as_seed_matrix(hits_b, "hits_b")
+    if a.shape != b.shape:
+        raise ValueError(f"hits_a and hits_b must be the same seeds x images, got {tuple(a.shape)} and {tuple(b.shape)}")
+    discordant = (a != b).sum(dim=1).double().mean().item()
+    n_seeds, n_images = a.shape
+    return 100 * math.sqrt(max(discordant, 1.0)) / n_images / math.sqrt(n_seeds)
+
+
 def paired_t(acc_a, acc_b, alpha=0.05, min_se=0.0):
     """Paired t test: ``a[i]`` and ``b[i]`` share seed ``i`` (same data order, same images).
 
@@ -236,7 +257,8 @@ def paired_t(acc_a, acc_b, alpha=0.05, min_se=0.0):
     ``d[i]`` uncertain. A floor that covers that image-level noise: with ``N`` test images and
     ``b_i + c_i`` images on which the two models disagree in seed ``i`` (McNemar's discordant
     pairs), each ``d[i]`` has a binomial SE of about ``100 * sqrt(b_i + c_i) / N`` pp under
-    "no difference", so pass ``min_se = 100 * sqrt(mean(b + c)) / N / sqrt(n)``. The default 0
+    "no difference", so pass ``min_se = 100 * sqrt(mean(b + c)) / N / sqrt(n)``
+    (:func:`discordant_min_se` computes it from the per-image correctness). The default 0
     is the textbook test (scipy's ``ttest_rel``).
 
     >>> r = paired_t([95.6, 94.9, 96.4], [86.0, 85.1, 87.0])

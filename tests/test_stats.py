@@ -189,3 +189,18 @@ def test_recovered_fraction_of_a_loss_identities():
         recovered_fraction_ci([f > 2.5 for f in fp32], ptq, ptq, lower_is_better=True)
     with pytest.raises(ValueError, match="same windows"):
         recovered_fraction_ci(fp32, ptq, [p[:10] for p in ptq], lower_is_better=True, items="windows")
+
+
+def test_discordant_min_se_is_the_binomial_noise_of_the_disagreeing_images():
+    import torch
+
+    from qatlab.stats import discordant_min_se
+
+    g = torch.Generator().manual_seed(0)
+    a = [torch.rand(500, generator=g) < 0.9 for _ in range(3)]
+    b = [torch.rand(500, generator=g) < 0.9 for _ in range(3)]
+    disagree = [int((x != y).sum()) for x, y in zip(a, b)]
+    assert discordant_min_se(a, b) == pytest.approx(100 * math.sqrt(sum(disagree) / 3) / 500 / math.sqrt(3))
+    assert discordant_min_se(a, a) == pytest.approx(100 / 500 / math.sqrt(3))   # at least one image
+    with pytest.raises(ValueError, match="same seeds x images"):
+        discordant_min_se(a, b[:2])
