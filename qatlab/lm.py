@@ -274,6 +274,14 @@ def generate_greedy(step_fn, prompt_ids, new_tokens, window=None):
     return out
 
 
+def _pretrain_recipe(overrides):
+    """:data:`PRETRAIN` with ``overrides``; an unknown key is a ``ValueError`` naming it."""
+    unknown = set(overrides) - set(PRETRAIN)
+    if unknown:
+        raise ValueError(f"unknown recipe keys {sorted(unknown)}; allowed: {sorted(PRETRAIN)}")
+    return {**PRETRAIN, **overrides}
+
+
 def checkpoint_path(**recipe):
     """``build/checkpoints/llama_bytes.pt`` for :data:`PRETRAIN`; another file for another recipe.
 
@@ -286,10 +294,7 @@ def checkpoint_path(**recipe):
     >>> checkpoint_path(steps=20).name != CHECKPOINT
     True
     """
-    unknown = set(recipe) - set(PRETRAIN)
-    if unknown:
-        raise ValueError(f"unknown recipe keys {sorted(unknown)}; allowed: {sorted(PRETRAIN)}")
-    want = {**PRETRAIN, **recipe}
+    want = _pretrain_recipe(recipe)
     name = CHECKPOINT
     if want != PRETRAIN:
         digest = hashlib.sha256(repr(sorted(want.items())).encode()).hexdigest()[:8]
@@ -299,10 +304,7 @@ def checkpoint_path(**recipe):
 
 def train_lm_baseline(corpus=None, path=None, progress=None, **recipe):
     """Pretrain :func:`make_llama` with :data:`PRETRAIN` (overridden by ``recipe``), save it atomically."""
-    unknown = set(recipe) - set(PRETRAIN)
-    if unknown:
-        raise ValueError(f"unknown recipe keys {sorted(unknown)}; allowed: {sorted(PRETRAIN)}")
-    rec = {**PRETRAIN, **recipe}
+    rec = _pretrain_recipe(recipe)
     corpus = corpus or load_corpus()
     model = make_llama(seed=rec["seed"])
     losses = train_lm(model, corpus.train, rec["steps"], lr=rec["lr"], batch_size=rec["batch_size"],
@@ -326,10 +328,7 @@ def load_lm_baseline(corpus=None, path=None, train_if_missing=True, progress=Non
     SHA-256 differs: another Python version) is retrained with a warning, or raises
     ``FileNotFoundError`` / ``ValueError`` when ``train_if_missing=False``.
     """
-    unknown = set(recipe) - set(PRETRAIN)
-    if unknown:
-        raise ValueError(f"unknown recipe keys {sorted(unknown)}; allowed: {sorted(PRETRAIN)}")
-    want = {**PRETRAIN, **recipe}
+    want = _pretrain_recipe(recipe)
     corpus = corpus or load_corpus()
     path = Path(path or checkpoint_path(**recipe))
     why = None
