@@ -18,6 +18,8 @@ observers' update rule; eager: the same qconfig without fake-quant), for the QAT
 import contextlib
 import copy
 
+from .patterns import pattern_cache
+
 
 def pt2e_weight_qrange(weight_bits=8):
     """``(weight_qmin, weight_qmax)`` that :func:`prepare_pt2e` gives XNNPACK's quantizer for ``weight_bits``.
@@ -122,74 +124,6 @@ def xnnpack_quantizer(is_qat=True, weight_bits=8, act_observer="histogram"):
             field: _with_kernel_qparams(getattr(config, field))
             for field in ("input_activation", "output_activation", "weight")})
     return XNNPACKQuantizer().set_global(config)
-
-
-_PATTERNS = {}
-
-
-def _pattern_key(pattern, example_inputs, is_cuda, kwargs):
-    """What determines the graph ``torch.export`` makes of one of torchao's pattern functions, or ``None``."""
-    import torch
-
-    def describe(v):
-        if isinstance(v, torch.Tensor):
-            return ("tensor", tuple(v.shape), v.dtype, v.device.type)
-        return v
-
-    fn = getattr(pattern, "fn", pattern) if isinstance(pattern, torch.nn.Module) else pattern  # torchao wraps them
-    code = getattr(fn, "__code__", None)
-    if code is None or isinstance(fn, torch.nn.Module):
-        return None
-    try:
-        cells = tuple(c.cell_contents for c in (fn.__closure__ or ()))
-        key = (code, cells, tuple(describe(x) for x in example_inputs), bool(is_cuda),
-               tuple(sorted((k, describe(v)) for k, v in kwargs.items())))
-        hash(key)
-    except (TypeError, ValueError):  # an unhashable closure value or an empty cell: do not cache
-        return None
-    return key
-
-
-@contextlib.contextmanager
-def pattern_cache():
-    """Within the block, torchao's pattern graphs are exported once per process and then copied.
-
-    ``prepare_qat_pt2e`` and ``convert_pt2e`` find the conv-BN subgraphs they rewrite by matching
-    small *pattern* functions, and they ``torch.export`` every pattern anew on every call (about
-    30 exports in ``prepare_qat_pt2e``, more in ``convert_pt2e``; a fraction of a second each).
-    The graph depends only on the pattern's code, its closure (the conv function, flags) and
-    the shapes of its example inputs, so this keeps the first export of each and hands every
-    caller a deep copy, which is what a fresh export returns. Used by :func:`prepare_pt2e` and
-    :func:`convert_int8`; ``tests/test_train_qat_user.py`` checks that a converted model is the
-    same bit for bit with and without it. Where torchao has no such function the block changes
-    nothing. Taught in 10_qat_your_own_model (QAT of several seeds in one process).
-    """
-    try:
-        from torchao.quantization.pt2e import qat_utils
-        from torchao.quantization.pt2e import utils as pt2e_utils
-    except ImportError:
-        yield
-        return
-    original = getattr(pt2e_utils, "_get_aten_graph_module_for_pattern", None)
-    if original is None or getattr(qat_utils, "_get_aten_graph_module_for_pattern", None) is not original:
-        yield
-        return
-
-    def cached(pattern, example_inputs, is_cuda=False, **kwargs):
-        key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
-        if key is None:
-            return original(pattern, example_inputs, is_cuda, **kwargs)
-        if key not in _PATTERNS:
-            _PATTERNS[key] = original(pattern, example_inputs, is_cuda, **kwargs)
-        return copy.deepcopy(_PATTERNS[key])
-
-    pt2e_utils._get_aten_graph_module_for_pattern = cached
-    qat_utils._get_aten_graph_module_for_pattern = cached
-    try:
-        yield
-    finally:
-        pt2e_utils._get_aten_graph_module_for_pattern = original
-        qat_utils._get_aten_graph_module_for_pattern = original
 
 
 def prepare_pt2e(model, input_shape, is_qat=True, weight_bits=8, act_observer="histogram"):
@@ -320,9 +254,9 @@ def convert_int8(model):
 
         from .qat import allow_train_eval
 
-        m = move_exported_model_to_eval(m)
-        m.training = False
         with pattern_cache():
+            m = move_exported_model_to_eval(m)
+            m.training = False
             converted = allow_train_eval(convert_pt2e(m)).eval()
         # a deepcopy of a GraphModule drops extra attributes: the caller's model carries it, or its copy does not
         converted.input_shape = getattr(model, "input_shape", None)

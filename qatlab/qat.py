@@ -182,18 +182,19 @@ def allow_train_eval(graph_module):
         move_exported_model_to_train,
     )
 
+    from .patterns import pattern_cache
+
     allow_exported_model_train_eval(graph_module)
 
     # the switches act on ``self``: a deep copy of the model switches itself, not the original
     def train(self, mode=True):
-        (move_exported_model_to_train if mode else move_exported_model_to_eval)(self)
+        with pattern_cache():   # torchao matches dropout/BN patterns on every switch: exported once
+            (move_exported_model_to_train if mode else move_exported_model_to_eval)(self)
         self.training = bool(mode)
         return self
 
     def eval(self):
-        move_exported_model_to_eval(self)
-        self.training = False
-        return self
+        return self.train(False)
 
     graph_module.train = types.MethodType(train, graph_module)
     graph_module.eval = types.MethodType(eval, graph_module)

@@ -208,7 +208,10 @@ def predict_fake_quant(model, loader, device=None):
     if _is_graph(model):
         from torchao.quantization.pt2e import move_exported_model_to_eval
 
-        model = move_exported_model_to_eval(copy.deepcopy(model))
+        from .patterns import pattern_cache
+
+        with pattern_cache():
+            model = move_exported_model_to_eval(copy.deepcopy(model))
         model.training = False
     with observers_disabled(model):
         return predict(model, loader, device=device)

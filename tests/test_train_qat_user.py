@@ -298,25 +298,3 @@ def test_converted_pt2e_model_rounds_on_the_grid_qat_trained_on(keep_threads):
     assert len(scales) == len(weight_fqs)
     for m in weight_fqs:
         assert any(s.shape == m.scale.shape and torch.equal(s, m.scale) for s in scales)
-
-
-def test_pattern_cache_gives_the_same_graph(keep_threads):
-    """conversion.pattern_cache hands out copies of torchao's pattern graphs: the same prepared model."""
-    from qatlab import conversion
-
-    torch.set_num_threads(1)
-    net = load_callable(MODEL)()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        a = conversion.prepare_pt2e(copy_module(net).train(), (3, 16, 16), weight_bits=4)
-        cached = len(conversion._PATTERNS)
-        b = conversion.prepare_pt2e(copy_module(net).train(), (3, 16, 16), weight_bits=4)
-    assert cached > 0 and len(conversion._PATTERNS) == cached   # the second call exported no pattern
-    assert str(a.graph) == str(b.graph)
-    assert distributed.state_digest(a.state_dict()) == distributed.state_digest(b.state_dict())
-
-
-def copy_module(m):
-    import copy
-
-    return copy.deepcopy(m)
