@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ptq import weight_layers, weight_qparams
+from .ptq import layer_inputs, weight_layers, weight_qparams
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -122,25 +122,6 @@ def adaround_layer(layer, inputs, targets, scale, qmin, qmax, *, iters=200, lr=1
     return codes, floor, codes * s, losses
 
 
-def _layer_io(model, name, x, batch_size=256):
-    """Inputs and outputs of layer ``name`` of ``model`` on images ``x``."""
-    module = model.get_submodule(name)
-    ins, outs = [], []
-
-    def hook(_m, args, out):
-        ins.append(args[0].detach())
-        outs.append(out.detach())
-
-    h = module.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            for i in range(0, len(x), batch_size):
-                model(x[i:i + batch_size])
-    finally:
-        h.remove()
-    return torch.cat(ins), torch.cat(outs)
-
-
 def output_error(layer, inputs, targets, weight, relu=True):
     """Mean over images of ``|| f(W x) - f(W_hat x) ||^2`` (summed over channels and positions)."""
     act = F.relu if relu else (lambda t: t)
@@ -169,7 +150,7 @@ def apply_adaround(float_model, quant_model, calib_x, bits, granularity="per_cha
     report = {}
     for i, (name, layer) in enumerate(weight_layers(quant_model)):
         start = time.perf_counter()
-        inputs, _ = _layer_io(quant_model, name, calib_x)
+        inputs = layer_inputs(quant_model, name, calib_x)
         float_layer = float_model.get_submodule(name)
         targets = _apply(float_layer, inputs, float_layer.weight.detach())
         relu = isinstance(layer, nn.Conv2d)

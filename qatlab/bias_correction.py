@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .equalize import relu_conv_chain
-from .ptq import weight_layers
+from .ptq import layer_inputs, weight_layers
 
 
 def relu_gaussian_mean(mu, sigma):
@@ -104,15 +104,9 @@ def apply_empirical_bias_correction(float_model, quant_model, calib_x, batch_siz
     """
     shifts = {}
     for name, layer in weight_layers(quant_model):
-        ins = []
-        h = layer.register_forward_pre_hook(lambda _m, a, ins=ins: ins.append(a[0].detach()))
-        try:
-            for i in range(0, len(calib_x), batch_size):
-                quant_model(calib_x[i:i + batch_size])
-        finally:
-            h.remove()
+        ins = layer_inputs(quant_model, name, calib_x, batch_size)
         err = layer.weight.detach() - float_model.get_submodule(name).weight.detach()
-        shifts[name] = correct_bias(layer, _conv_error_mean(layer, torch.cat(ins), err))
+        shifts[name] = correct_bias(layer, _conv_error_mean(layer, ins, err))
     return shifts
 
 

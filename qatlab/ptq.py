@@ -31,6 +31,42 @@ def weight_layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
 
 
+class _Captured(Exception):
+    """Raised by :func:`layer_inputs`'s hook: the layers after the one captured need not run."""
+
+
+def layer_inputs(model, name, x, batch_size=256):
+    """The inputs that layer ``name`` of ``model`` receives on images ``x``, concatenated.
+
+    Each forward pass stops at the layer (its hook raises), so the layers after it cost
+    nothing: capturing every layer of an L-layer network in turn runs about L/2 networks'
+    worth of layers, not L. Used by AdaRound and bias correction, which need each layer's
+    inputs with the layers before it already rounded.
+    """
+    module = model.get_submodule(name)
+    ins = []
+
+    def hook(_m, args):
+        ins.append(args[0].detach())
+        raise _Captured
+
+    n_batches = -(-len(x) // batch_size)
+    h = module.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                try:
+                    model(x[i:i + batch_size])
+                except _Captured:
+                    pass
+    finally:
+        h.remove()
+    if len(ins) != n_batches:
+        raise ValueError(f"layer {name!r} ran in {len(ins)} of {n_batches} forward passes of the model: "
+                         f"its inputs need a layer that runs in every forward pass")
+    return torch.cat(ins)
+
+
 def weight_qparams(w, bits, granularity: Granularity = "per_channel"):
     """``(scale, zero_point, qmin, qmax, axis)`` of a symmetric ``bits``-bit weight grid.
 

@@ -57,3 +57,34 @@ def test_bad_input():
         ptq.weight_qparams(torch.ones(2, 2), 4, "per_row")
     with pytest.raises(ValueError, match="empty"):
         ptq.quantize_activations(nn.Linear(2, 2), [])
+
+
+def test_layer_inputs_stop_at_the_layer_and_equal_a_full_forward():
+    torch.manual_seed(0)
+    net = fold_model_bn(SmallCNN().eval())
+    x = torch.randn(70, 1, 28, 28)
+    for name, layer in ptq.weight_layers(net):
+        seen = []
+        h = layer.register_forward_pre_hook(lambda _m, a, seen=seen: seen.append(a[0]))
+        with torch.no_grad():
+            for i in range(0, len(x), 32):
+                net(x[i:i + 32])
+        h.remove()
+        assert torch.equal(ptq.layer_inputs(net, name, x, batch_size=32), torch.cat(seen))
+    calls = []
+    last = ptq.weight_layers(net)[-1][1]
+    h = last.register_forward_hook(lambda *a: calls.append(1))
+    ptq.layer_inputs(net, ptq.weight_layers(net)[0][0], x, batch_size=32)
+    h.remove()
+    assert calls == []   # the layers after the captured one did not run
+
+    class Skips(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    with pytest.raises(ValueError, match="'unused' ran in 0 of 1 forward passes"):
+        ptq.layer_inputs(Skips(), "unused", torch.zeros(3, 2))
