@@ -303,15 +303,22 @@ class Equivalence:
                 f"{self.ci_high:+.2f}], TOST p = {self.p_value:.3g} -> {verdict}")
 
 
-def tost(acc_a, acc_b, margin, paired=True, alpha=0.05):
+def tost(acc_a, acc_b, margin, paired=True, alpha=0.05, min_se=0.0):
     """Two one-sided t tests of ``|mean(a - b)| < margin`` (Schuirmann 1987).
 
     ``p = max(P(T > (d + margin) / se), P(T < (d - margin) / se))``; equivalent when
     ``p < alpha``, which is the same as the ``1 - 2 alpha`` interval lying inside ``±margin``.
+    ``se`` is :func:`paired_t`'s (or :func:`welch_t`'s with ``paired=False``), floored at
+    ``min_se`` as there: without a floor, two or three seeds that happen to agree to the image
+    give ``se`` near 0 and "prove" equivalence that the test images cannot support. Pass the
+    same floor as the difference test beside it (:func:`discordant_min_se` for paired runs).
 
     >>> r = tost([97.1, 97.3, 97.2], [97.0, 97.3, 97.1], margin=0.5)
     >>> r.equivalent, round(r.p_value, 4)
     (True, 0.0029)
+    >>> r = tost([97.1, 97.3, 97.2], [97.0, 97.3, 97.1], margin=0.5, min_se=0.3)  # image noise of 0.3 pp
+    >>> r.equivalent, round(r.p_value, 2)
+    (False, 0.14)
     >>> tost([97.1, 97.3, 97.2], [97.0, 97.3, 97.1], margin=0.0)
     Traceback (most recent call last):
     ...
@@ -320,7 +327,7 @@ def tost(acc_a, acc_b, margin, paired=True, alpha=0.05):
     if isinstance(margin, bool) or not isinstance(margin, int | float) or not margin > 0 \
             or not math.isfinite(margin):
         raise ValueError(f"margin must be a positive number of percentage points, got {margin!r}")
-    r = paired_t(acc_a, acc_b, alpha) if paired else welch_t(acc_a, acc_b, alpha)
+    r = paired_t(acc_a, acc_b, alpha, min_se=min_se) if paired else welch_t(acc_a, acc_b, alpha, min_se=min_se)
     if r.se > 0:
         p = max(_t_sf((r.diff + margin) / r.se, r.df), 1 - _t_sf((r.diff - margin) / r.se, r.df))
         half = _t_quantile(1 - alpha, r.df) * r.se

@@ -204,3 +204,20 @@ def test_discordant_min_se_is_the_binomial_noise_of_the_disagreeing_images():
     assert discordant_min_se(a, a) == pytest.approx(100 / 500 / math.sqrt(3))   # at least one image
     with pytest.raises(ValueError, match="same seeds x images"):
         discordant_min_se(a, b[:2])
+
+
+def test_tost_floor_stops_agreeing_seeds_from_proving_equivalence():
+    from qatlab.stats import discordant_min_se, tost
+
+    a, b = [97.3, 97.1, 97.2], [97.1, 96.9, 97.0]   # every seed +0.2 pp: s_d = 0
+    assert tost(a, b, margin=1.0).p_value < 1e-12   # without a floor: "equivalent" from 3 seeds
+    hits_a = [torch.zeros(1000, dtype=torch.bool) for _ in range(3)]
+    hits_b = [torch.zeros(1000, dtype=torch.bool) for _ in range(3)]
+    for h in hits_a:
+        h[:40] = True                                # 40 discordant images a seed
+    floor = discordant_min_se(hits_a, hits_b)
+    r = tost(a, b, margin=1.0, min_se=floor)
+    assert r.p_value > 0.05 and not r.equivalent     # the images alone leave ±0.37 pp of noise per seed
+    assert tost(a, b, margin=5.0, min_se=floor).equivalent
+    w = tost(a, b, margin=1.0, paired=False, min_se=floor)   # Welch's SE, floored the same way
+    assert w.ci_low < w.diff < w.ci_high and w.ci_high - w.ci_low > 1.0
