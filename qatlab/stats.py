@@ -86,7 +86,7 @@ class McNemar:
         return self.p_value < 0.05
 
     def __str__(self):
-        verdict = "a real difference" if self.significant else "within noise"
+        verdict = "a real difference" if self.significant else "no difference detected"
         return (f"McNemar: {self.only_a} images only A gets right, {self.only_b} only B; "
                 f"exact p = {self.p_value:.3g} -> {verdict} (at 5 %)")
 

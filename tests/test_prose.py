@@ -172,8 +172,8 @@ def _agrees(printed, bar, says_above):
 #: (what, pattern, check(match) -> error text or None)
 VERDICTS = [
     ("p-value vs verdict",
-     re.compile(rf"\bp = {_NUM}\s*->\s*(a real difference|within noise)"),
-     lambda m: None if _agrees(m[1], 0.05, m[2] == "within noise") else
+     re.compile(rf"\bp = {_NUM}\s*->\s*(a real difference|within noise|no difference detected)"),
+     lambda m: None if _agrees(m[1], 0.05, m[2] != "a real difference") else
      f"p = {m[1]} but the verdict says {m[2]!r} (the bar is p < 0.05)"),
     ("ratio vs faster/slower",
      re.compile(rf"\b{_NUM}\s*(?:×|x)\s+(faster|slower)\b"),
@@ -198,6 +198,8 @@ def verdict_contradictions(text):
 
     >>> verdict_contradictions("paired: 6 only A; p = 0.125 -> within noise")
     []
+    >>> verdict_contradictions("exact p = 0.01 -> no difference detected (at 5 %)")
+    ["p-value vs verdict: p = 0.01 but the verdict says 'no difference detected' (the bar is p < 0.05)"]
     >>> verdict_contradictions("exact p = 0.01 -> within noise (at 5 %)")
     ["p-value vs verdict: p = 0.01 but the verdict says 'within noise' (the bar is p < 0.05)"]
     >>> verdict_contradictions("int8 is 0.85x faster than fp32 here")
