@@ -14,6 +14,10 @@ def test_nb07_runs_with_seed_1(run_notebook, papermill_build):
     for key in ("fp32_finetuned_acc", "ptq_8da4w_acc", "qat_8da4w_acc", "ptq_w4_weight_only_acc",
                 "qat_w4_weight_only_acc", "qat_8da2w_group_acc", "qat_8da2w_per_channel_acc"):
         assert 85.0 < r[key] <= 100.0, (key, r[key])
+    # GPTQ at 8da4w: a sane accuracy, and the recorded gap is what the two accuracies say
+    assert 85.0 < r["gptq_8da4w_acc"] <= 100.0
+    assert r["gptq_vs_qat_int4_pp"] == pytest.approx(r["qat_8da4w_acc"] - r["gptq_8da4w_acc"], abs=1e-9)
+    assert 0.0 <= r["gptq_vs_qat_int4_p"] <= 1.0
     for key in ("ptq_8da2w_group_acc", "ptq_8da2w_per_channel_acc"):
         assert 60.0 < r[key] <= 100.0, (key, r[key])
     # int4 with groups loses little; int2 per-channel is the scheme with the least SQNR
