@@ -115,6 +115,7 @@ def pytest_configure(config):
 # --- nbval: the same time limits as `make run` (qatlab.runner.time_limits) ------------------------
 
 _nbval_started = {}
+NBVAL_OUTPUT_TIMEOUT = 60   # seconds nbval waits for each output message once a cell has replied
 
 
 def pytest_runtest_setup(item):
@@ -133,6 +134,12 @@ def pytest_runtest_setup(item):
         pytest.fail(f"{Path(nb).name}: past its notebook limit of {nb_limit:g} s before {item.name}",
                     pytrace=False)
     item.config.option.nbval_cell_timeout = max(1, int(min(cell_limit, left)))
+    # After a cell's reply, nbval reads the kernel's output messages with a fixed 5 s timeout per
+    # message (nbval 0.11, IPyNbCell.output_timeout) and fails the cell when one is late. On a busy
+    # machine the kernel's iopub thread can lag that much behind its reply (seen in CI: "Timeout of 5
+    # seconds exceeded waiting for output" after a plotting cell whose work had finished). A kernel that
+    # never sends its output is still caught, NBVAL_OUTPUT_TIMEOUT seconds later.
+    item.output_timeout = max(getattr(item, "output_timeout", 0), NBVAL_OUTPUT_TIMEOUT)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -77,3 +77,21 @@ def test_time_limits_defaults_and_overrides(monkeypatch):
 
     assert time_limits() == (CELL_TIMEOUT, 900.0)
     assert time_limits(10, 20) == (10.0, 20.0)
+
+
+def test_nbval_waits_longer_than_5_s_for_a_busy_kernels_output(tmp_path):
+    """nbval fails a cell whose output message is 5 s late (its fixed default); the conftest raises that wait."""
+    import types
+
+    import conftest
+
+    class IPyNbCell:   # what the hook sees of nbval's item
+        output_timeout = 5
+        name = "Cell 0"
+        fspath = tmp_path / "busy.ipynb"
+        config = types.SimpleNamespace(option=types.SimpleNamespace(nbval_cell_timeout=2000))
+
+    item = IPyNbCell()
+    conftest.pytest_runtest_setup(item)
+    assert item.output_timeout == conftest.NBVAL_OUTPUT_TIMEOUT >= 30
+    assert 1 <= item.config.option.nbval_cell_timeout <= 2000
