@@ -48,8 +48,8 @@ BatchNorm freeze), for eager ``torch.ao.quantization`` models (fused ``ConvBn*``
   learning rate where the freeze collapses the run, over seeds (``freeze_fix_acc``, its target
   reported MET or MISSED). The default 0.01 is below the rates where 06 looks for the collapse,
   but the drop matters there too: 06's 4-bit ablation on the depthwise TinyMobileNet trains at
-  0.01 with and without it (its section 4), and without it the freeze can collapse a run (
-  ``bn_freeze_lr_factor=1`` turns the drop off, to compare).
+  0.01 with and without it (its section 4), and without it the freeze can collapse a run;
+  ``bn_freeze_lr_factor=1`` turns the drop off, to compare.
 
 **Early and late.** A freeze is *late* when it happens in the second half of the QAT steps
 (``freeze_bn_at >= steps // 2``, the middle step or later): BN has normalised each batch, with the fake-quantized weights,
