@@ -221,3 +221,22 @@ def test_tost_floor_stops_agreeing_seeds_from_proving_equivalence():
     assert tost(a, b, margin=5.0, min_se=floor).equivalent
     w = tost(a, b, margin=1.0, paired=False, min_se=floor)   # Welch's SE, floored the same way
     assert w.ci_low < w.diff < w.ci_high and w.ci_high - w.ci_low > 1.0
+
+
+def test_recovered_fraction_ci_widens_the_seed_level_to_a_t_interval():
+    """Two seeds whose PTQ accuracies differ by 10 pp: a plain percentile bootstrap over the two seeds
+    would keep the PTQ mean within [75, 85] % (r within about [0.67, 0.83]); the t-sized seed level lets
+    it range as far as a t interval with 1 degree of freedom does."""
+    from qatlab.stats import recovered_fraction_ci
+
+    def hits(k):
+        v = torch.zeros(1000, dtype=torch.bool)
+        v[:k] = True
+        return v
+
+    fp32, ptq, qat = hits(970), [hits(750), hits(850)], [hits(930), hits(930)]
+    r = recovered_fraction_ci(fp32, ptq, qat, n_boot=1000, seed=0)
+    assert r.estimate == pytest.approx((0.93 - 0.80) / (0.97 - 0.80))
+    assert r.ci_high > 0.9 and r.undefined > 0       # PTQ's mean drawn far below and above its two seeds
+    same = recovered_fraction_ci(fp32, [hits(800), hits(800)], qat, n_boot=1000, seed=0)
+    assert same.ci_high - same.ci_low < 0.2           # seeds that agree: only the images' noise is left
