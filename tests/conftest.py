@@ -9,7 +9,8 @@ test workers (``make test`` runs pytest-xdist) that need the same missing baseli
 on a file lock (:func:`qatlab.files.locked`): one trains it, the other loads it.
 
 The papermill runs write everything else (executed copies, results, artifacts, runs of
-``train_qat``) into ``papermill/`` of that folder, apart from nbval's kernels, which may run
+``train_qat``) into ``papermill/`` of that folder, the student copies into ``student/`` and the
+JupyterLab test into ``browser/`` (:func:`own_build`), apart from nbval's kernels, which may run
 the same notebook at the same moment in the other worker. A cheaper pretraining asked for by
 a test gets a checkpoint file of its own (:func:`qatlab.lm.checkpoint_path`)."""
 
@@ -34,11 +35,13 @@ def notebook_build(tmp_path_factory):
     return tmp_path_factory.mktemp("build")
 
 
-@pytest.fixture(scope="session")
-def papermill_build(notebook_build):
-    """``<build>/papermill``: the papermill runs' own build folder, whose ``checkpoints`` is a link
-    to the session's shared one."""
-    path = notebook_build / "papermill"
+def own_build(notebook_build, name):
+    """``<build>/<name>``: a build folder of its own (results, executed copies, artifacts) whose
+    ``checkpoints`` is a link to the session's shared one. Kernels that run a notebook while nbval
+    runs the same notebook in the other worker must not share ``results/<notebook>.json``: each
+    kernel's ``begin_notebook`` starts that file afresh, and the other kernel's summary then reads a
+    file without its own records (seen in CI: a KeyError in 09's summary cell)."""
+    path = notebook_build / name
     path.mkdir(exist_ok=True)
     (notebook_build / "checkpoints").mkdir(exist_ok=True)
     link = path / "checkpoints"
@@ -47,6 +50,24 @@ def papermill_build(notebook_build):
     except FileExistsError:  # made by an earlier session, or by the other worker a moment ago
         pass
     return path
+
+
+@pytest.fixture(scope="session")
+def papermill_build(notebook_build):
+    """``<build>/papermill``: the papermill runs' own build folder (:func:`own_build`)."""
+    return own_build(notebook_build, "papermill")
+
+
+@pytest.fixture(scope="session")
+def student_build(notebook_build):
+    """``<build>/student``: the student copies' own build folder (:func:`own_build`)."""
+    return own_build(notebook_build, "student")
+
+
+@pytest.fixture(scope="session")
+def browser_build(notebook_build):
+    """``<build>/browser``: the JupyterLab test's own build folder (:func:`own_build`)."""
+    return own_build(notebook_build, "browser")
 
 
 @pytest.fixture(scope="session")

@@ -325,7 +325,7 @@ def drive(notebook_src, scratch, build, shot):
 
 
 @pytest.mark.browser
-def test_widget_slider_redraws_plot_in_jupyterlab(tmp_path, notebook_build):
+def test_widget_slider_redraws_plot_in_jupyterlab(tmp_path, browser_build):
     """The kernel writes into the session's shared scratch build (tests/conftest.py), so the
     baseline checkpoint notebook 01 loads is trained at most once per test session."""
     browser_available()
@@ -333,7 +333,7 @@ def test_widget_slider_redraws_plot_in_jupyterlab(tmp_path, notebook_build):
     shot = screenshot_path()
     shot.unlink(missing_ok=True)
     start = time.time()
-    seen = drive(ROOT / "notebooks", tmp_path, notebook_build, shot)
+    seen = drive(ROOT / "notebooks", tmp_path, browser_build, shot)
     print(f"browser test: Run All {seen['seconds']:.1f} s, total {time.time() - start:.1f} s, "
           f"slider {seen['value'][0]} -> {seen['value'][1]}, screenshot {shot}")
     assert not seen["tracebacks"], f"cells failed in JupyterLab: {seen['tracebacks']}"

@@ -75,3 +75,13 @@ def test_a_file_lock_makes_a_second_process_wait(tmp_path):
         assert child.poll() is None, "the second process did not wait for the lock"
     waited = float(child.communicate(timeout=60)[0])
     assert waited >= 1.0
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_cell_has_its_own_stored_id(path):
+    """nbformat 4.5 cells carry an ``id``; a cell stored without one gets a random id on every read,
+    so the student copy (and any diff) of that notebook changes from run to run."""
+    nb = json.loads(path.read_text())
+    ids = [c.get("id") for c in nb["cells"]]
+    assert None not in ids, f"{path.name}: cells {[i for i, x in enumerate(ids) if x is None]} have no id"
+    assert len(set(ids)) == len(ids), f"{path.name}: repeated cell ids"

@@ -299,12 +299,12 @@ def test_synthetic_student_copy_stops_at_its_exercise(tmp_path):
 @pytest.mark.notebook
 @pytest.mark.skipif(not EXERCISE_NOTEBOOKS, reason="no notebook with exercises yet")
 @pytest.mark.parametrize("path", EXERCISE_NOTEBOOKS, ids=[p.stem for p in EXERCISE_NOTEBOOKS])
-def test_student_copy_stops_at_its_first_exercise(student_copies, notebook_build, path):
+def test_student_copy_stops_at_its_first_exercise(student_copies, student_build, path):
     """Run the student copy up to its first exercise: the first error is NotImplementedError,
     raised by the first solution cell itself or, when that cell only defines the function,
     by the check cell right after it (which calls it). Nothing before it fails."""
     _, nb = student_copies[path.name]
-    first, check, errors = run_until_first_exercise(nb, notebook_build, ROOT / "notebooks")
+    first, check, errors = run_until_first_exercise(nb, student_build, ROOT / "notebooks")
     assert_stops_at_first_exercise(path.name, first, check, errors)
 
 
