@@ -28,12 +28,13 @@ run: setup
 ## every notebook with a second parameter set, student copies, the browser test, ruff.
 ## One pytest-xdist worker per CPU this process may use (affinity and cgroup quota, at most 4;
 ## WORKERS=1 for one process), each with one torch thread; --dist loadscope keeps the cells of
-## a notebook (nbval) and the tests of a file in one worker, in order.
+## a notebook (nbval) and the tests of a file in one worker, in order. PYTEST_ARGS adds options
+## (e.g. PYTEST_ARGS=--junitxml=build/junit.xml for every test's duration).
 WORKERS ?= $(shell $(PY) -c 'from qatlab.threads import available_cpus; print(max(1, min(4, int(available_cpus()))))')
 test: setup
 	$(PY) -m ruff check qatlab tests notebooks
 	QATLAB_BUILD=$(CURDIR)/build/test QATLAB_THREADS=1 $(OFFLINE) $(PY) -m pytest -n $(WORKERS) --dist loadscope \
-		--nbval-lax --durations=25 tests qatlab notebooks
+		--nbval-lax --durations=25 $(PYTEST_ARGS) tests qatlab notebooks
 
 ## test-fast: unit tests and doctests only (no notebooks, no browser)
 test-fast: setup

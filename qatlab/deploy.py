@@ -7,11 +7,13 @@ Taught in 05_deployment. The three runtimes side by side:
 - ONNX Runtime (:func:`export_onnx`, :func:`run_onnx`).
 
 Latency is measured with :func:`benchmark` (warm-up, then median and IQR of
-repeated runs at a fixed thread count), and each runtime's logits are
+repeated runs at a fixed thread count), two callables are compared with
+:func:`compare_speed` (interleaved rounds, a sign test over rounds), and each runtime's logits are
 compared with PyTorch's with :func:`parity`. ``executorch`` and
 ``onnxruntime`` are imported inside the functions that use them.
 """
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -122,6 +124,97 @@ def benchmark(fn, *args, warmup=3, repeats=20, threads=2):
     return Timing(median_ms=statistics.median(times), iqr_ms=q3 - q1, q1_ms=q1, q3_ms=q3,
                   repeats=repeats, warmup=warmup, threads=measured_threads, times_ms=tuple(times),
                   runtime=getattr(fn, "runtime", "PyTorch") if callable(thread_count) else "PyTorch")
+
+
+@dataclass(frozen=True)
+class SpeedComparison:
+    """What :func:`compare_speed` measured: per round, ``ratio = t(b) / t(a)`` (above 1: ``a`` is
+    faster in that round), and the exact two-sided sign test over rounds."""
+
+    name_a: str
+    name_b: str
+    ratios: tuple
+    a_faster_rounds: int
+    b_faster_rounds: int
+    p_value: float
+    median_ms_a: float
+    median_ms_b: float
+
+    @property
+    def ratio(self):
+        """The median over rounds of t(b) / t(a)."""
+        return statistics.median(self.ratios)
+
+    @property
+    def significant(self):
+        return self.p_value < 0.05
+
+    def __str__(self):
+        n = len(self.ratios)
+        detail = (f"{self.name_a} faster in {self.a_faster_rounds} of {n} interleaved rounds, sign test p = "
+                  f"{self.p_value:.2g}; medians {self.median_ms_a:.3f} vs {self.median_ms_b:.3f} ms")
+        if not self.significant:
+            return f"{self.name_a} vs {self.name_b}: no difference detected ({detail})"
+        r = self.ratio
+        return f"{self.name_a}: {max(r, 1 / r):.2f}x {'faster' if r > 1 else 'slower'} than {self.name_b} ({detail})"
+
+
+def compare_speed(a, b, args_a, args_b=None, names=("a", "b"), rounds=10, calls=3, warmup=2, threads=2,
+                  clock=time.perf_counter):
+    """Is ``a(*args_a)`` faster than ``b(*args_b)``? Timed in interleaved rounds, tested over rounds.
+
+    Taught in 05_deployment. Timing all of ``a``'s calls and then all of ``b``'s lets a change
+    of load between the two blocks pass for a difference, and calls within a block are not
+    independent samples of the comparison. Here each of ``rounds`` rounds times ``calls``
+    calls of ``a`` and then of ``b`` (``qatlab.qat_cost.interleaved_step_times``, wall time by
+    default), so a burst of load hits both, and forms the round's ratio
+    ``r_i = t_i(b) / t_i(a)``. The verdict is the exact sign test over rounds: with ``k`` of
+    ``n`` rounds faster for ``a``, ``p = min(1, 2 * P(Binomial(n, 1/2) <= min(k, n - k)))``
+    (rounds with ``r_i = 1`` are dropped). With 10 rounds the smallest p is 0.002; with 5
+    rounds it is 0.0625, so 5 rounds can never call one faster.
+
+    Both run under ``torch.inference_mode()`` with ``torch.set_num_threads(threads)`` (restored
+    after), as in :func:`benchmark`; set threads or engines inside ``a`` and ``b`` when that is
+    what is compared. ``args_b`` defaults to ``args_a``.
+
+    >>> ticks = iter(range(1000))
+    >>> c = compare_speed(lambda: None, lambda: None, (), rounds=6, calls=1, warmup=0,
+    ...                   clock=lambda: next(ticks))
+    >>> c.ratios, c.p_value   # a fake clock: every call takes one tick
+    ((1.0, 1.0, 1.0, 1.0, 1.0, 1.0), 1.0)
+    """
+    import torch
+    from scipy.stats import binomtest
+
+    from .qat_cost import interleaved_step_times
+
+    for name, fn in (("a", a), ("b", b)):
+        if not callable(fn):
+            raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+    args_b = args_a if args_b is None else args_b
+    for name, value in (("args_a", args_a), ("args_b", args_b)):
+        if not isinstance(value, tuple):
+            raise TypeError(f"{name} must be a tuple of arguments, got {type(value).__name__}")
+    if not (isinstance(names, tuple | list) and len(names) == 2 and all(isinstance(n, str) for n in names)):
+        raise TypeError(f"names must be two strings, got {names!r}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 2:
+        raise ValueError(f"rounds must be an int >= 2, got {rounds!r}")
+    _check_threads(threads)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            times = interleaved_step_times({"a": lambda: a(*args_a), "b": lambda: b(*args_b)}, rounds=rounds,
+                                           repeats=calls, warmup=warmup, clock=clock)
+    finally:
+        torch.set_num_threads(old_threads)
+    ratios = tuple(tb / ta if ta > 0 else math.inf for ta, tb in zip(times["a"], times["b"]))
+    a_faster = sum(r > 1 for r in ratios)
+    b_faster = sum(r < 1 for r in ratios)
+    n = a_faster + b_faster
+    p = binomtest(a_faster, n, 0.5).pvalue if n else 1.0
+    return SpeedComparison(names[0], names[1], ratios, a_faster, b_faster, float(p),
+                           1e3 * statistics.median(times["a"]), 1e3 * statistics.median(times["b"]))
 
 
 def parity(a_logits, b_logits):

@@ -68,6 +68,71 @@ def test_benchmark_sees_slow_calls():
     assert slow.median_ms >= 10 > fast.median_ms
 
 
+class FakeClock:
+    """A clock that advances only when a fake workload says so: timings without a real machine."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def work(self, seconds):
+        def run():
+            self.now += seconds()
+        return run
+
+
+def test_compare_speed_interleaves_and_tests_over_rounds():
+    clock, order = FakeClock(), []
+    a = clock.work(lambda: order.append("a") or 1.0)
+    b = clock.work(lambda: order.append("b") or 2.0)
+    c = deploy.compare_speed(a, b, (), names=("a", "b"), rounds=10, calls=3, warmup=1, clock=clock)
+    assert order == ["a", "b"] + (["a"] * 3 + ["b"] * 3) * 10   # warm-up, then interleaved rounds
+    assert c.ratios == (2.0,) * 10 and c.a_faster_rounds == 10 and c.b_faster_rounds == 0
+    assert c.p_value == pytest.approx(2 * 0.5 ** 10) and c.significant
+    assert (c.median_ms_a, c.median_ms_b) == (1e3, 2e3)
+    assert str(c).startswith("a: 2.00x faster than b (a faster in 10 of 10 interleaved rounds")
+    # the other way round: slower
+    assert str(deploy.compare_speed(b, a, (), names=("b", "a"), clock=clock)).startswith("b: 2.00x slower than a")
+
+
+def test_compare_speed_needs_consistent_rounds_not_a_large_median():
+    # b is 10x slower in 6 rounds and 10x faster in 4: the medians differ a lot, the sign test does not call it
+    clock, slow_b = FakeClock(), iter([10.0] * 6 + [0.1] * 4)
+    a = clock.work(lambda: 1.0)
+    b = clock.work(lambda: next(slow_b))
+    c = deploy.compare_speed(a, b, (), names=("x", "y"), rounds=10, calls=1, warmup=0, clock=clock)
+    assert (c.a_faster_rounds, c.b_faster_rounds) == (6, 4) and c.ratio > 5
+    assert not c.significant and str(c).startswith("x vs y: no difference detected")
+    # five rounds can never reach p < 0.05 (the smallest two-sided p is 2 / 2**5)
+    fast = deploy.compare_speed(clock.work(lambda: 1.0), clock.work(lambda: 3.0), (), rounds=5, calls=1,
+                                warmup=0, clock=clock)
+    assert fast.a_faster_rounds == 5 and fast.p_value == pytest.approx(0.0625) and not fast.significant
+
+
+def test_compare_speed_sees_real_slow_calls_and_restores_threads():
+    import time
+
+    before = torch.get_num_threads()
+    c = deploy.compare_speed(lambda: None, time.sleep, (), (0.002,), names=("none", "sleep"), rounds=6, calls=1,
+                             threads=1)
+    assert c.a_faster_rounds == 6 and c.significant and torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(a=3), TypeError, "a must be callable"),
+    (dict(args_a=[1]), TypeError, "args_a must be a tuple"),
+    (dict(names=("a",)), TypeError, "names must be two strings"),
+    (dict(rounds=1), ValueError, "rounds must be an int >= 2, got 1"),
+    (dict(threads=0), ValueError, "threads must be an int >= 1, got 0"),
+])
+def test_compare_speed_rejects_bad_input(kwargs, error, match):
+    args = dict(a=lambda: None, b=lambda: None, args_a=()) | kwargs
+    with pytest.raises(error, match=match):
+        deploy.compare_speed(**args)
+
+
 def test_parity():
     a = torch.tensor([[0.0, 1.0], [2.0, 0.0], [0.0, 5.0], [1.0, 0.0]])
     assert deploy.parity(a, a) == {"top1_agreement": 100.0, "max_abs_diff": 0.0}

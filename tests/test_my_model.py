@@ -87,9 +87,18 @@ def test_gpu_command_code_path_on_synthetic_cifar(tmp_path, monkeypatch):
     from qatlab import train_qat
 
     monkeypatch.setenv("QATLAB_BUILD", str(tmp_path / "build"))
-    metrics = train_qat.main(["--model", f"{PATH}:resnet18_cifar", "--data", f"{PATH}:cifar_synthetic",
+    # a user-style data file of its own: cifar_synthetic with fewer images (the evaluation of ResNet-18
+    # on the default 256 test images is most of this test's time on one thread)
+    data = tmp_path / "small_cifar.py"
+    data.write_text("import importlib.util\n"
+                    f"spec = importlib.util.spec_from_file_location('my_model_copy', {str(PATH)!r})\n"
+                    "my_model = importlib.util.module_from_spec(spec)\n"
+                    "spec.loader.exec_module(my_model)\n\n\n"
+                    "def small():\n"
+                    "    return my_model.cifar_synthetic(n_train=64, n_test=32)\n")
+    metrics = train_qat.main(["--model", f"{PATH}:resnet18_cifar", "--data", f"{data}:small",
                               "--api", "pt2e", "--device", "cpu", "--steps", "4", "--global-batch-size", "16",
-                              "--calib-batches", "1", "--no-pte", "--no-progress", "--threads", "2",
+                              "--calib-batches", "1", "--no-pte", "--no-progress", "--threads", "1",
                               "--out", str(tmp_path / "r18")])
     assert (tmp_path / "r18" / "metrics.json").exists()
     for key in ("qat_fake_quant_acc", "ptq_int8_acc"):
