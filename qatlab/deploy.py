@@ -450,12 +450,19 @@ def export_executorch(model, example_inputs, path, delegate="xnnpack", max_batch
     return summary
 
 
+_ET_POOL = {"resizes": 0}   # how often load_executorch has resized ExecuTorch's process-wide thread pool
+
+
 def load_executorch(path, threads=2, max_batch=None):
     """Load a .pte file and return a callable ``run(x) -> logits`` (05_deployment).
 
     ``threads`` sets the size of ExecuTorch's CPU thread pool (the one
     XNNPACK uses). The pool is one per process: loading another program with
-    other ``threads`` resizes it for every program; ``run.thread_count()``
+    other ``threads`` resizes it for every program. The resize
+    (``_unsafe_reset_threadpool``) leaves programs loaded before it holding the
+    old pool, and running one of them can crash the process (a segfault was
+    seen): such a callable raises ``RuntimeError`` instead, and a load at the
+    pool's current size does not resize it. ``run.thread_count()``
     returns its size as the runtime reports it (``None`` for an ExecuTorch
     without ``_threadpool_get_thread_count``), which is what :func:`benchmark`
     records. A file that is not an ExecuTorch program raises
@@ -483,7 +490,11 @@ def load_executorch(path, threads=2, max_batch=None):
         import executorch.extension.pybindings.portable_lib as portable
         from executorch.runtime import Runtime
 
-        portable._unsafe_reset_threadpool(int(threads))
+        pool_size = getattr(portable, "_threadpool_get_thread_count", None)
+        if pool_size is None or int(pool_size()) != threads:
+            portable._unsafe_reset_threadpool(int(threads))   # programs loaded before it must not run again
+            _ET_POOL["resizes"] += 1
+        generation = _ET_POOL["resizes"]
         try:
             program = Runtime.get().load_program(path)
             method = program.load_method("forward")
@@ -500,6 +511,9 @@ def load_executorch(path, threads=2, max_batch=None):
         max_batch = min(max_batch, shape[0])  # memory is planned for shape[0] rows at most
 
     def run(x):
+        if _ET_POOL["resizes"] != generation:
+            raise RuntimeError(f"ExecuTorch's thread pool was resized after {path.name} was loaded (another "
+                               f"load_executorch with other threads): load it again; running it could crash")
         rows = x.shape[0]
         if max_batch is None and rows != shape[0]:
             raise ValueError(f"{path.name} was exported for batch {shape[0]}, got {rows} rows")
@@ -507,7 +521,6 @@ def load_executorch(path, threads=2, max_batch=None):
             raise ValueError(f"{path.name} runs batches of 1..{max_batch} rows, got {rows}")
         return method.execute((x.contiguous(),))[0]
 
-    pool_size = getattr(portable, "_threadpool_get_thread_count", None)
     run.input_shape, run.program, run.max_batch = shape, program, max_batch
     run.runtime, run.thread_count = "ExecuTorch", (lambda: int(pool_size()) if pool_size else None)
     return run

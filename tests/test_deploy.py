@@ -355,6 +355,20 @@ def test_onnx_saves_the_graph_each_optimization_level_runs(int8_tiny, tmp_path):
         deploy.load_onnx(path, optimized_model_path=3)
 
 
+def test_a_program_loaded_before_a_pool_resize_refuses_to_run(int8_tiny, tmp_path):
+    """Resizing ExecuTorch's pool leaves earlier programs holding the old one (a segfault was seen):
+    they raise instead, and a load at the current size resizes nothing."""
+    x = torch.randn(2, 1, 8, 8)
+    deploy.export_executorch(int8_tiny, (x,), tmp_path / "tiny.pte")
+    first = deploy.load_executorch(tmp_path / "tiny.pte", threads=1)
+    expected = first(x)
+    second = deploy.load_executorch(tmp_path / "tiny.pte", threads=2)
+    with pytest.raises(RuntimeError, match="tiny.pte was loaded .*load it again"):
+        first(x)
+    third = deploy.load_executorch(tmp_path / "tiny.pte", threads=2)   # same size: no resize
+    assert torch.equal(second(x), expected) and torch.equal(third(x), expected)
+
+
 def test_benchmark_records_the_threads_of_the_runtime_that_ran(int8_tiny, tmp_path):
     """ExecuTorch's pool and ORT's session threads, not torch's count, for their runners."""
     import executorch.extension.pybindings.portable_lib as portable
