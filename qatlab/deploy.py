@@ -199,6 +199,8 @@ def compare_speed(a, b, args_a, args_b=None, names=("a", "b"), rounds=10, calls=
         raise TypeError(f"names must be two strings, got {names!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 2:
         raise ValueError(f"rounds must be an int >= 2, got {rounds!r}")
+    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
+        raise ValueError(f"calls must be an int >= 1, got {calls!r}")
     _check_threads(threads)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)

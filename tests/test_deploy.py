@@ -125,6 +125,7 @@ def test_compare_speed_sees_real_slow_calls_and_restores_threads():
     (dict(args_a=[1]), TypeError, "args_a must be a tuple"),
     (dict(names=("a",)), TypeError, "names must be two strings"),
     (dict(rounds=1), ValueError, "rounds must be an int >= 2, got 1"),
+    (dict(calls=0), ValueError, "calls must be an int >= 1, got 0"),
     (dict(threads=0), ValueError, "threads must be an int >= 1, got 0"),
 ])
 def test_compare_speed_rejects_bad_input(kwargs, error, match):
