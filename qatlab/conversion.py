@@ -50,8 +50,8 @@ def _make_kernel_qparams_fake_quantize():
         ``max(|min| / 2^(b-1), max / (2^(b-1) - 1))`` ("divides by 8 or 7" at 4 bits); the observer's
         ``calculate_qparams``, which ``convert_pt2e`` calls, divides ``max|w|`` by
         ``(qmax - qmin) / 2`` (7.5 at 4 bits). So without this class the converted model rounds
-        every weight on a grid whose step is up to 1/6 larger or 1/8 smaller (3 bits), 1/14 larger or
-        1/16 smaller (4 bits), 1/2 larger or 1/4 smaller (2 bits) than the one QAT trained on, and its
+        every weight on a grid whose step is up to 1/7 larger or smaller (3 bits), 1/15 (4 bits) or 1/3
+        (2 bits) than the one QAT trained on, and its
         predictions drift from the fake-quant model's (notebook 10 measures it). torchao fixes the same mismatch upstream with a ``use_kernel_params`` flag
         (pytorch/ao#4824, after torchao 0.18). Taught in 10_qat_your_own_model.
         """

@@ -166,8 +166,10 @@ def compare_speed(a, b, args_a, args_b=None, names=("a", "b"), rounds=10, calls=
     Taught in 05_deployment. Timing all of ``a``'s calls and then all of ``b``'s lets a change
     of load between the two blocks pass for a difference, and calls within a block are not
     independent samples of the comparison. Here each of ``rounds`` rounds times ``calls``
-    calls of ``a`` and then of ``b`` (``qatlab.qat_cost.interleaved_step_times``, wall time by
-    default), so a burst of load hits both, and forms the round's ratio
+    calls of ``a`` and ``calls`` of ``b`` (``qatlab.qat_cost.interleaved_step_times``, wall time
+    by default; ``a`` first in even rounds, ``b`` first in odd ones, so that an effect of the
+    order, such as a cache the first one warms, does not point the same way every round), so
+    a burst of load lasting a round or more hits both, and forms the round's ratio
     ``r_i = t_i(b) / t_i(a)``. The verdict is the exact sign test over rounds: with ``k`` of
     ``n`` rounds faster for ``a``, ``p = min(1, 2 * P(Binomial(n, 1/2) <= min(k, n - k)))``
     (rounds with ``r_i = 1`` are dropped). With 10 rounds the smallest p is 0.002; with 5
@@ -202,15 +204,21 @@ def compare_speed(a, b, args_a, args_b=None, names=("a", "b"), rounds=10, calls=
     if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
         raise ValueError(f"calls must be an int >= 1, got {calls!r}")
     _check_threads(threads)
+    steps = {"a": lambda: a(*args_a), "b": lambda: b(*args_b)}
+    times = {"a": [], "b": []}
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            times = interleaved_step_times({"a": lambda: a(*args_a), "b": lambda: b(*args_b)}, rounds=rounds,
-                                           repeats=calls, warmup=warmup, clock=clock)
+            for r in range(rounds):   # A first in even rounds, B first in odd ones: an effect of order cancels
+                order = ("a", "b") if r % 2 == 0 else ("b", "a")
+                one = interleaved_step_times({k: steps[k] for k in order}, rounds=1, repeats=calls,
+                                             warmup=warmup if r == 0 else 0, clock=clock)
+                for k in order:
+                    times[k] += one[k]
     finally:
         torch.set_num_threads(old_threads)
-    ratios = tuple(tb / ta if ta > 0 else math.inf for ta, tb in zip(times["a"], times["b"]))
+    ratios = tuple(1.0 if ta == tb else tb / ta if ta > 0 else math.inf for ta, tb in zip(times["a"], times["b"]))
     a_faster = sum(r > 1 for r in ratios)
     b_faster = sum(r < 1 for r in ratios)
     n = a_faster + b_faster
@@ -464,7 +472,9 @@ def load_executorch(path, threads=2, max_batch=None):
     (``_unsafe_reset_threadpool``) leaves programs loaded before it holding the
     old pool, and running one of them can crash the process (a segfault was
     seen): such a callable raises ``RuntimeError`` instead, and a load at the
-    pool's current size does not resize it. ``run.thread_count()``
+    pool's current size does not resize it (an ExecuTorch without
+    ``_threadpool_get_thread_count`` resizes on every load: only the program
+    loaded last runs). ``run.thread_count()``
     returns its size as the runtime reports it (``None`` for an ExecuTorch
     without ``_threadpool_get_thread_count``), which is what :func:`benchmark`
     records. A file that is not an ExecuTorch program raises

@@ -88,7 +88,8 @@ def test_compare_speed_interleaves_and_tests_over_rounds():
     a = clock.work(lambda: order.append("a") or 1.0)
     b = clock.work(lambda: order.append("b") or 2.0)
     c = deploy.compare_speed(a, b, (), names=("a", "b"), rounds=10, calls=3, warmup=1, clock=clock)
-    assert order == ["a", "b"] + (["a"] * 3 + ["b"] * 3) * 10   # warm-up, then interleaved rounds
+    # warm-up, then interleaved rounds, A first in even rounds and B first in odd ones
+    assert order == ["a", "b"] + (["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3) * 5
     assert c.ratios == (2.0,) * 10 and c.a_faster_rounds == 10 and c.b_faster_rounds == 0
     assert c.p_value == pytest.approx(2 * 0.5 ** 10) and c.significant
     assert (c.median_ms_a, c.median_ms_b) == (1e3, 2e3)
