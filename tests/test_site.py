@@ -160,7 +160,7 @@ def test_the_real_glossary_has_every_anchor_other_notebooks_link_to():
     ids = re.findall(r'<a id="([^"]+)"></a>', (ROOT / "notebooks" / "glossary.md").read_text())
     assert ids == ["ptq", "qat", "fake-quant", "observer", "qparams", "per-tensor-per-channel", "pt2e",
                    "executorch", "xnnpack", "delegate", "lowering", "qdq", "requantization",
-                   "reduce-range", "vnni", "lsq", "iqr", "sqnr", "ste", "group-wise", "per-token",
+                   "reduce-range", "vnni", "lsq", "iqr", "interleaved-timing", "sqnr", "ste", "group-wise", "per-token",
                    "ddp", "rendezvous", "mcnemar", "dynamic-static", "8da4w", "bf16", "sharpness",
                    "pareto-frontier", "gloo-nccl"]
 
