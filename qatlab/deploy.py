@@ -186,9 +186,9 @@ def compare_speed(a, b, args_a, args_b=None, names=("a", "b"), rounds=10, calls=
     ((1.0, 1.0, 1.0, 1.0, 1.0, 1.0), 1.0)
     """
     import torch
-    from scipy.stats import binomtest
 
     from .qat_cost import interleaved_step_times
+    from .stats import sign_test_p
 
     for name, fn in (("a", a), ("b", b)):
         if not callable(fn):
@@ -221,9 +221,7 @@ def compare_speed(a, b, args_a, args_b=None, names=("a", "b"), rounds=10, calls=
     ratios = tuple(1.0 if ta == tb else tb / ta if ta > 0 else math.inf for ta, tb in zip(times["a"], times["b"]))
     a_faster = sum(r > 1 for r in ratios)
     b_faster = sum(r < 1 for r in ratios)
-    n = a_faster + b_faster
-    p = binomtest(a_faster, n, 0.5).pvalue if n else 1.0
-    return SpeedComparison(names[0], names[1], ratios, a_faster, b_faster, float(p),
+    return SpeedComparison(names[0], names[1], ratios, a_faster, b_faster, sign_test_p(a_faster, b_faster),
                            1e3 * statistics.median(times["a"]), 1e3 * statistics.median(times["b"]))
 
 

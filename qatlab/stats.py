@@ -109,9 +109,22 @@ def mcnemar(correct_a, correct_b):
         raise ValueError(f"correct_a and correct_b must score the same images, "
                          f"got {a.numel()} and {b.numel()}")
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
-    n, k = only_a + only_b, min(only_a, only_b)
+    return McNemar(only_a, only_b, sign_test_p(only_a, only_b))
+
+
+def sign_test_p(wins_a, wins_b):
+    """Exact two-sided sign test: ``p = min(1, 2 * P(X <= min(a, b)))``, ``X ~ Binomial(a + b, 1/2)``.
+
+    ``wins_a`` / ``wins_b`` count the pairs each side won (ties left out). McNemar's test is this
+    test on the images exactly one model gets right; :func:`qatlab.deploy.compare_speed` uses it
+    on timing rounds.
+
+    >>> sign_test_p(10, 0), sign_test_p(9, 1), sign_test_p(0, 0)
+    (0.001953125, 0.021484375, 1.0)
+    """
+    n, k = wins_a + wins_b, min(wins_a, wins_b)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n if n else 1.0
-    return McNemar(only_a, only_b, min(1.0, 2 * tail))
+    return min(1.0, 2 * tail)
 
 
 def _t_sf(t, df):
