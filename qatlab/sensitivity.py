@@ -408,6 +408,11 @@ class TrainingTrace:
       (BN's input) to ``sqrt(running_var + eps)``: the per-channel gain a frozen
       BN applies, ``γ / sqrt(running_var + eps)``, equals the one of batch
       statistics, ``γ / std_batch``, exactly when this ratio is 1;
+    - ``mean_shift[layer]``: the largest over channels of
+      ``|mean_batch - running_mean| / sqrt(running_var + eps)``: a frozen BN
+      subtracts the running mean instead of the batch's, which shifts the
+      channel's output by ``γ (mean_batch - running_mean) / sqrt(running_var + eps)``,
+      this many of its ``γ`` units (0 when the two means agree);
     - ``loss``.
 
     Pass it to :func:`finetune_steps` (``trace=``); call :meth:`remove` when done.
@@ -425,6 +430,7 @@ class TrainingTrace:
         self.weight_change = {n: [] for n in self.layers}
         self.spread_ratio = {n: [] for n in self.layers}
         self.spread_min = {n: [] for n in self.layers}
+        self.mean_shift = {n: [] for n in self.layers}
         self._pending = {}
         self._before = {}
         self._handles = [m.bn.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
@@ -433,21 +439,24 @@ class TrainingTrace:
         def hook(bn, args):
             if torch.is_grad_enabled():
                 x = args[0].detach()
-                batch_std = x.transpose(0, 1).reshape(x.shape[1], -1).std(dim=1, unbiased=False)
+                per_channel = x.transpose(0, 1).reshape(x.shape[1], -1)
+                batch_std = per_channel.std(dim=1, unbiased=False)
                 running_std = torch.sqrt(bn.running_var + bn.eps)
                 ratio = batch_std / running_std
-                self._pending[name] = (float(ratio.min()), float(ratio.max()))
+                shift = (per_channel.mean(dim=1) - bn.running_mean).abs() / running_std
+                self._pending[name] = (float(ratio.min()), float(ratio.max()), float(shift.max()))
         return hook
 
     def after_backward(self, loss):
-        """Record the loss, gradient norms and BN spread of this step (before ``optimizer.step``)."""
+        """Record the loss, gradient norms, BN spread and mean shift of this step (before ``optimizer.step``)."""
         self.loss.append(loss.item())
         for n, m in self.layers.items():
             g = m.weight.grad
             self.grad_norm[n].append(float(g.norm()) if g is not None else 0.0)
-            lo, hi = self._pending.get(n, (float("nan"), float("nan")))
+            lo, hi, shift = self._pending.get(n, (float("nan"),) * 3)
             self.spread_ratio[n].append(hi)
             self.spread_min[n].append(lo)
+            self.mean_shift[n].append(shift)
             self._before[n] = m.weight.detach().clone()
 
     def after_step(self):

@@ -1,8 +1,8 @@
 """How big a difference in accuracy has to be to mean something.
 
-Taught in 00_start_here; used wherever two models are compared (04, 06-08).
+Taught in 00_start_here; used wherever two models are compared (04 and 06-12).
 
-Three tools, from the simplest:
+The tools, from the simplest:
 
 - :func:`accuracy_se`: the binomial standard error of one accuracy measured on
   ``n`` images, ``sqrt(p (1 - p) / n)``. With 1,000 images at 98 % it is 0.44 pp.
@@ -22,7 +22,8 @@ Three tools, from the simplest:
   right ``df`` (Welch, Biometrika 1947).
 - :func:`paired_t`: the same seeds (or images) on both sides: the t test on the
   per-seed differences, ``df = n - 1``, with the same ``min_se`` floor as :func:`welch_t`
-  (two or three seeds whose differences happen to agree must not claim ``p = 0``).
+  (two or three seeds whose differences happen to agree must not claim ``p = 0``);
+  :func:`discordant_min_se` computes that floor from the images the two disagree on.
 - :func:`tost`: failing to find a difference is not evidence of none. Two one-sided
   tests (Schuirmann 1987) call A and B *equivalent within ±margin* when the
   ``1 - 2 alpha`` confidence interval of the difference lies inside ``±margin``.
@@ -239,24 +240,34 @@ def _as_min_se(min_se):
 
 
 def discordant_min_se(hits_a, hits_b):
-    """The image-level floor of :func:`paired_t`'s standard error, in percentage points.
+    """The image-level floor of a seed-level standard error, in percentage points.
 
-    ``hits_a`` and ``hits_b`` are lists over seeds of per-image correctness on the same ``N``
-    images; with ``b_i + c_i`` images on which the two disagree in seed ``i`` (at least 1),
-    the floor is ``100 * sqrt(mean(b + c)) / N / sqrt(n)``. Taught in 10_qat_your_own_model.
+    ``hits_a`` and ``hits_b`` are lists over seeds of per-image correctness on the **same** ``N``
+    images. With ``e_j = mean_i(a_ij - b_ij)`` the difference on image ``j`` averaged over the
+    ``n`` seeds, the mean accuracy difference is ``100 * mean_j(e_j)``, and sampling the images
+    gives it a standard error of about ``100 * sqrt(sum_j e_j**2) / N`` under "no difference"
+    (McNemar's variance, over the images the two disagree on; at least one image per seed).
+    Seeds that disagree on different images average their noise away: ``sum_j e_j**2 =
+    mean(b + c) / n``, the floor ``100 * sqrt(mean(b + c)) / N / sqrt(n)``. Seeds that disagree
+    on the same images do not, because the images are shared: ``sum_j e_j**2 = b + c``, the floor
+    ``100 * sqrt(b + c) / N``, as for one seed. Taught in 06_when_qat_pays_off and 10_qat_your_own_model.
 
     >>> import torch
     >>> a = [torch.arange(1000) < 980] * 3
-    >>> b = [torch.arange(1000) < 972] * 3          # 8 images apart in every seed
-    >>> round(discordant_min_se(a, b), 3)
+    >>> b = [torch.arange(1000) < 972] * 3          # the same 8 images apart in every seed
+    >>> round(discordant_min_se(a, b), 3)          # 100 * sqrt(8) / 1000: three seeds, one image sample
+    0.283
+    >>> a = [torch.ones(1000, dtype=torch.bool)] * 3
+    >>> b = [(torch.arange(1000) // 8) != i for i in range(3)]   # 8 images apart, different ones each seed
+    >>> round(discordant_min_se(a, b), 3)          # 100 * sqrt(8) / 1000 / sqrt(3)
     0.163
     """
     a, b = _as_seed_matrix(hits_a, "hits_a"), _as_seed_matrix(hits_b, "hits_b")
     if a.shape != b.shape:
         raise ValueError(f"hits_a and hits_b must be the same seeds x images, got {tuple(a.shape)} and {tuple(b.shape)}")
-    discordant = (a != b).sum(dim=1).double().mean().item()
     n_seeds, n_images = a.shape
-    return 100 * math.sqrt(max(discordant, 1.0)) / n_images / math.sqrt(n_seeds)
+    e = (a.double() - b.double()).mean(dim=0)
+    return 100 * math.sqrt(max(float((e * e).sum()), 1.0 / n_seeds)) / n_images
 
 
 def paired_t(acc_a, acc_b, alpha=0.05, min_se=0.0):
@@ -270,8 +281,9 @@ def paired_t(acc_a, acc_b, alpha=0.05, min_se=0.0):
     ``d[i]`` uncertain. A floor that covers that image-level noise: with ``N`` test images and
     ``b_i + c_i`` images on which the two models disagree in seed ``i`` (McNemar's discordant
     pairs), each ``d[i]`` has a binomial SE of about ``100 * sqrt(b_i + c_i) / N`` pp under
-    "no difference", so pass ``min_se = 100 * sqrt(mean(b + c)) / N / sqrt(n)``
-    (:func:`discordant_min_se` computes it from the per-image correctness). The default 0
+    "no difference"; the mean over seeds has ``1 / sqrt(n)`` of it only if the seeds disagree on
+    different images (they share the test images). :func:`discordant_min_se` computes the floor
+    from the per-image correctness, between those two cases. The default 0
     is the textbook test (scipy's ``ttest_rel``).
 
     >>> r = paired_t([95.6, 94.9, 96.4], [86.0, 85.1, 87.0])
@@ -281,7 +293,7 @@ def paired_t(acc_a, acc_b, alpha=0.05, min_se=0.0):
     >>> r.p_value < 1e-12, r.verdict()  # s_d is 0 up to float round-off
     (True, 'A beats B')
     >>> r = paired_t([97.3, 97.1, 97.2], [97.1, 96.9, 97.0], min_se=100 * 8 ** 0.5 / 1000 / 3 ** 0.5)
-    >>> round(r.se, 3), round(r.p_value, 2), r.verdict()  # 8 discordant images of 1,000 a seed
+    >>> round(r.se, 3), round(r.p_value, 2), r.verdict()  # 8 discordant images a seed, different ones
     (0.163, 0.35, 'no difference detected')
     """
     a, b = _as_runs(acc_a, "acc_a"), _as_runs(acc_b, "acc_b")
@@ -530,8 +542,8 @@ def compare_runs(acc_a, acc_b, min_se=0.0):
     Welch's t test with the right degrees of freedom (see :func:`welch_t`).
 
     ``se = sqrt(s_a**2 / n_a + s_b**2 / n_b)`` with sample standard deviations
-    (``ddof=1``), floored at ``min_se`` (pass e.g. ``accuracy_se(acc, n) / sqrt(seeds)``
-    so that three identical-looking seeds do not claim infinite precision).
+    (``ddof=1``), floored at ``min_se`` (pass e.g. :func:`discordant_min_se` of the per-image
+    correctness, so that three identical-looking seeds do not claim infinite precision).
     Needs at least 2 seeds on each side.
 
     >>> c = compare_runs([96.0, 95.5, 96.1], [85.0, 88.7, 78.5])

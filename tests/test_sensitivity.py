@@ -262,6 +262,29 @@ def test_training_trace_records_every_step_and_unit_ratio_in_batch_mode():
         sens.TrainingTrace(SmallCNN())
 
 
+def test_training_trace_mean_shift_is_batch_mean_against_running_mean_in_running_std_units():
+    torch.manual_seed(0)
+    m = sens.prepare_mixed_qat(TinyMobileNet(), 8, 8)
+    tr = sens.TrainingTrace(m)
+    name, convbn = next(iter(tr.layers.items()))
+    bn = convbn.bn
+    bn.running_mean.copy_(torch.linspace(-1.0, 1.0, bn.num_features))
+    bn.running_var.fill_(4.0)
+    seen = {}
+
+    def grab(mod, args):            # BN's input and the running statistics it is compared with
+        seen["x"], seen["mean"], seen["var"] = args[0].detach(), mod.running_mean.clone(), mod.running_var.clone()
+
+    h = bn.register_forward_pre_hook(grab)
+    sens.finetune_steps(m, _batches(1), steps=1, lr=0.01, trace=tr)
+    h.remove()
+    tr.remove()
+    x = seen["x"]
+    expected = ((x.mean(dim=(0, 2, 3)) - seen["mean"]).abs() / torch.sqrt(seen["var"] + bn.eps)).max()
+    assert tr.mean_shift[name] == [pytest.approx(float(expected), rel=1e-5)]
+    assert all(len(v) == 1 and v[0] >= 0 for v in tr.mean_shift.values())
+
+
 def test_frozen_gain_is_gamma_over_running_std():
     m = sens.prepare_mixed_qat(SmallCNN(), 8, 8)
     convbn = m.features[0][0]

@@ -199,9 +199,19 @@ def test_discordant_min_se_is_the_binomial_noise_of_the_disagreeing_images():
     g = torch.Generator().manual_seed(0)
     a = [torch.rand(500, generator=g) < 0.9 for _ in range(3)]
     b = [torch.rand(500, generator=g) < 0.9 for _ in range(3)]
-    disagree = [int((x != y).sum()) for x, y in zip(a, b)]
-    assert discordant_min_se(a, b) == pytest.approx(100 * math.sqrt(sum(disagree) / 3) / 500 / math.sqrt(3))
+    e = sum(x.double() - y.double() for x, y in zip(a, b)) / 3          # per image, averaged over seeds
+    assert discordant_min_se(a, b) == pytest.approx(100 * math.sqrt(float((e * e).sum())) / 500)
     assert discordant_min_se(a, a) == pytest.approx(100 / 500 / math.sqrt(3))   # at least one image
+    # the same disagreements in every seed: one image sample, the floor of one seed (seeds do not average it)
+    assert discordant_min_se([a[0]] * 3, [b[0]] * 3) == pytest.approx(discordant_min_se([a[0]], [b[0]]))
+    assert discordant_min_se([a[0]] * 3, [b[0]] * 3) == pytest.approx(100 * math.sqrt(int((a[0] != b[0]).sum())) / 500)
+    # disjoint disagreements: averaged over seeds, 1/sqrt(n) of one seed's
+    one = torch.ones(600, dtype=torch.bool)
+    apart = [torch.arange(600) // 20 != i for i in range(3)]             # 20 images each, different ones
+    assert discordant_min_se([one] * 3, apart) == pytest.approx(100 * math.sqrt(20) / 600 / math.sqrt(3))
+    # disagreements that cancel on an image (A right in one seed, B in another) leave no noise there
+    x = [torch.tensor([True, False]), torch.tensor([False, True])]
+    assert discordant_min_se(x, x[::-1]) == pytest.approx(100 * math.sqrt(0.5) / 2)       # only the 1-image floor
     with pytest.raises(ValueError, match="same seeds x images"):
         discordant_min_se(a, b[:2])
 
