@@ -159,21 +159,25 @@ class SpeedComparison:
         return f"{self.name_a}: {max(r, 1 / r):.2f}x {'faster' if r > 1 else 'slower'} than {self.name_b} ({detail})"
 
 
-def compare_speed(a, b, args_a, args_b=None, names=("a", "b"), rounds=10, calls=3, warmup=2, threads=2,
+def compare_speed(a, b, args_a, args_b=None, names=("a", "b"), rounds=10, calls=3, warmup=2, settle=1, threads=2,
                   clock=time.perf_counter):
     """Is ``a(*args_a)`` faster than ``b(*args_b)``? Timed in interleaved rounds, tested over rounds.
 
     Taught in 05_deployment. Timing all of ``a``'s calls and then all of ``b``'s lets a change
     of load between the two blocks pass for a difference, and calls within a block are not
     independent samples of the comparison. Here each of ``rounds`` rounds times ``calls``
-    calls of ``a`` and ``calls`` of ``b`` (``qatlab.qat_cost.interleaved_step_times``, wall time
-    by default; ``a`` first in even rounds, ``b`` first in odd ones, so that an effect of the
+    calls of ``a`` and ``calls`` of ``b`` (wall time by default; ``a`` first in even rounds, ``b`` first in odd ones, so that an effect of the
     order, such as a cache the first one warms, does not point the same way every round), so
     a burst of load lasting a round or more hits both, and forms the round's ratio
     ``r_i = t_i(b) / t_i(a)``. The verdict is the exact sign test over rounds: with ``k`` of
     ``n`` rounds faster for ``a``, ``p = min(1, 2 * P(Binomial(n, 1/2) <= min(k, n - k)))``
     (rounds with ``r_i = 1`` are dropped). With 10 rounds the smallest p is 0.002; with 5
     rounds it is 0.0625, so 5 rounds can never call one faster.
+
+    ``warmup`` calls of each run once, untimed, before the first round; ``settle`` calls of
+    each run untimed right before each of its timed blocks: the first call after the other
+    one ran pays for caches and thread pools the other left cold or busy, which a block of
+    many calls (:func:`benchmark`) pays once and a block of ``calls`` would pay every round.
 
     Both run under ``torch.inference_mode()`` with ``torch.set_num_threads(threads)`` (restored
     after), as in :func:`benchmark`; set threads or engines inside ``a`` and ``b`` when that is
@@ -187,7 +191,6 @@ def compare_speed(a, b, args_a, args_b=None, names=("a", "b"), rounds=10, calls=
     """
     import torch
 
-    from .qat_cost import interleaved_step_times
     from .stats import sign_test_p
 
     for name, fn in (("a", a), ("b", b)):
@@ -203,6 +206,9 @@ def compare_speed(a, b, args_a, args_b=None, names=("a", "b"), rounds=10, calls=
         raise ValueError(f"rounds must be an int >= 2, got {rounds!r}")
     if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
         raise ValueError(f"calls must be an int >= 1, got {calls!r}")
+    for name, value in (("warmup", warmup), ("settle", settle)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     _check_threads(threads)
     steps = {"a": lambda: a(*args_a), "b": lambda: b(*args_b)}
     times = {"a": [], "b": []}
@@ -210,12 +216,17 @@ def compare_speed(a, b, args_a, args_b=None, names=("a", "b"), rounds=10, calls=
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
+            for k in ("a", "b"):
+                for _ in range(warmup):
+                    steps[k]()
             for r in range(rounds):   # A first in even rounds, B first in odd ones: an effect of order cancels
-                order = ("a", "b") if r % 2 == 0 else ("b", "a")
-                one = interleaved_step_times({k: steps[k] for k in order}, rounds=1, repeats=calls,
-                                             warmup=warmup if r == 0 else 0, clock=clock)
-                for k in order:
-                    times[k] += one[k]
+                for k in (("a", "b") if r % 2 == 0 else ("b", "a")):
+                    for _ in range(settle):
+                        steps[k]()
+                    start = clock()
+                    for _ in range(calls):
+                        steps[k]()
+                    times[k].append((clock() - start) / calls)
     finally:
         torch.set_num_threads(old_threads)
     ratios = tuple(1.0 if ta == tb else tb / ta if ta > 0 else math.inf for ta, tb in zip(times["a"], times["b"]))

@@ -87,9 +87,14 @@ def test_compare_speed_interleaves_and_tests_over_rounds():
     clock, order = FakeClock(), []
     a = clock.work(lambda: order.append("a") or 1.0)
     b = clock.work(lambda: order.append("b") or 2.0)
-    c = deploy.compare_speed(a, b, (), names=("a", "b"), rounds=10, calls=3, warmup=1, clock=clock)
+    c = deploy.compare_speed(a, b, (), names=("a", "b"), rounds=10, calls=3, warmup=1, settle=0, clock=clock)
     # warm-up, then interleaved rounds, A first in even rounds and B first in odd ones
     assert order == ["a", "b"] + (["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3) * 5
+    # with settle, each timed block follows untimed calls of the same function (not timed: the ratios stay 2)
+    order.clear()
+    s = deploy.compare_speed(a, b, (), rounds=4, calls=3, warmup=1, settle=2, clock=clock)
+    assert order == ["a", "b"] + (["a"] * 5 + ["b"] * 5 + ["b"] * 5 + ["a"] * 5) * 2
+    assert s.ratios == (2.0,) * 4
     assert c.ratios == (2.0,) * 10 and c.a_faster_rounds == 10 and c.b_faster_rounds == 0
     assert c.p_value == pytest.approx(2 * 0.5 ** 10) and c.significant
     assert (c.median_ms_a, c.median_ms_b) == (1e3, 2e3)
@@ -103,7 +108,7 @@ def test_compare_speed_needs_consistent_rounds_not_a_large_median():
     clock, slow_b = FakeClock(), iter([10.0] * 6 + [0.1] * 4)
     a = clock.work(lambda: 1.0)
     b = clock.work(lambda: next(slow_b))
-    c = deploy.compare_speed(a, b, (), names=("x", "y"), rounds=10, calls=1, warmup=0, clock=clock)
+    c = deploy.compare_speed(a, b, (), names=("x", "y"), rounds=10, calls=1, warmup=0, settle=0, clock=clock)
     assert (c.a_faster_rounds, c.b_faster_rounds) == (6, 4) and c.ratio > 5
     assert not c.significant and str(c).startswith("x vs y: no difference detected")
     # five rounds can never reach p < 0.05 (the smallest two-sided p is 2 / 2**5)
@@ -127,6 +132,8 @@ def test_compare_speed_sees_real_slow_calls_and_restores_threads():
     (dict(names=("a",)), TypeError, "names must be two strings"),
     (dict(rounds=1), ValueError, "rounds must be an int >= 2, got 1"),
     (dict(calls=0), ValueError, "calls must be an int >= 1, got 0"),
+    (dict(settle=-1), ValueError, "settle must be an int >= 0, got -1"),
+    (dict(warmup=1.5), ValueError, "warmup must be an int >= 0, got 1.5"),
     (dict(threads=0), ValueError, "threads must be an int >= 1, got 0"),
 ])
 def test_compare_speed_rejects_bad_input(kwargs, error, match):
