@@ -175,9 +175,10 @@ def compare_speed(a, b, args_a, args_b=None, names=("a", "b"), rounds=10, calls=
     rounds it is 0.0625, so 5 rounds can never call one faster.
 
     ``warmup`` calls of each run once, untimed, before the first round; ``settle`` calls of
-    each run untimed right before each of its timed blocks: the first call after the other
-    one ran pays for caches and thread pools the other left cold or busy, which a block of
-    many calls (:func:`benchmark`) pays once and a block of ``calls`` would pay every round.
+    each run untimed right before each of its timed blocks, so that every timed call follows
+    a call of the same function, as in a :func:`benchmark` block (the first call after the
+    other one ran can pay for caches or thread pools left in another state). Where the
+    interleaved medians still differ from a block's, the two ran under different conditions.
 
     Both run under ``torch.inference_mode()`` with ``torch.set_num_threads(threads)`` (restored
     after), as in :func:`benchmark`; set threads or engines inside ``a`` and ``b`` when that is
