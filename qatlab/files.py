@@ -32,6 +32,23 @@ def data_dir():
     return path
 
 
+def shown_path(path):
+    """``path`` as a log line should show it: relative to the current folder (``build/...`` from the
+    repository, ``../build/...`` from ``notebooks/``), so a log does not print this machine's folders;
+    the path as given when it is not below the current folder's parent.
+
+    >>> import os
+    >>> shown_path(os.path.join(os.getcwd(), "build", "x.pt")) == os.path.join("build", "x.pt")
+    True
+    """
+    path = os.fspath(path)
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:   # another drive on Windows
+        return path
+    return path if rel.startswith(os.path.join(os.pardir, os.pardir)) else rel
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside ``path``; move it into place only on success.

@@ -41,6 +41,7 @@ from .distributed import (
     state_digest,
     wrap_ddp,
 )
+from .files import shown_path
 from .recipe import fake_quant_modules, freeze_state, predict_fake_quant, restore_freeze_state
 from .scaling import combine_scaling, measure_scaling
 
@@ -325,9 +326,9 @@ def run(cfg, d=None, ship=True):
         restore_rng(mine["rng"])
         rec = mine["records"]
         start_step = resumed_from = ckpt["step"]
-        _log(d, f"resumed from {ckpt_file} at step {start_step}")
+        _log(d, f"resumed from {shown_path(ckpt_file)} at step {start_step}")
     elif cfg.resume:
-        _log(d, f"no checkpoint at {ckpt_file}: starting at step 0")
+        _log(d, f"no checkpoint at {shown_path(ckpt_file)}: starting at step 0")
     model.train()
 
     if d.store_prefix:
@@ -350,7 +351,7 @@ def run(cfg, d=None, ship=True):
         if d.rank == 0:
             save_checkpoint(ckpt_file, step=step, recipe=recipe, optimizer=optimizer.state_dict(),
                             freeze=freeze_state(model), rank_states=states)
-            _log(d, f"checkpoint step {step} -> {ckpt_file} ({time.perf_counter() - t:.2f} s)")
+            _log(d, f"checkpoint step {step} -> {shown_path(ckpt_file)} ({time.perf_counter() - t:.2f} s)")
 
     loss_fn = nn.CrossEntropyLoss()
     bar = tqdm(total=cfg.steps, initial=start_step, desc=f"QAT x{d.world_size}", leave=False,

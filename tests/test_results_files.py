@@ -81,3 +81,19 @@ def test_merge_results_and_table(build):
     assert json.loads((build / "results.json").read_text()) == merged
     table = format_table(merged)
     assert "00_a" in table and "97" in table and "seconds" in table
+
+
+def test_shown_path_hides_this_machines_folders(tmp_path, monkeypatch):
+    import os
+
+    from qatlab.files import shown_path
+
+    (tmp_path / "notebooks").mkdir()
+    target = tmp_path / "build" / "train_qat" / "checkpoint.pt"
+    monkeypatch.chdir(tmp_path)
+    assert shown_path(target) == os.path.join("build", "train_qat", "checkpoint.pt")
+    monkeypatch.chdir(tmp_path / "notebooks")     # where a notebook's kernel runs
+    assert shown_path(target) == os.path.join("..", "build", "train_qat", "checkpoint.pt")
+    assert shown_path(str(target)) == os.path.join("..", "build", "train_qat", "checkpoint.pt")
+    elsewhere = tmp_path.anchor   # far above the current folder: shown as given
+    assert shown_path(elsewhere) == elsewhere
