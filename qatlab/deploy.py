@@ -159,7 +159,7 @@ class SpeedComparison:
         return f"{self.name_a}: {max(r, 1 / r):.2f}x {'faster' if r > 1 else 'slower'} than {self.name_b} ({detail})"
 
 
-def compare_speed(a, b, args_a, args_b=None, names=("a", "b"), rounds=10, calls=3, warmup=2, settle=1, threads=2,
+def compare_speed(a, b, args_a, args_b=None, names=("a", "b"), rounds=10, calls=2, warmup=2, settle=1, threads=2,
                   clock=time.perf_counter):
     """Is ``a(*args_a)`` faster than ``b(*args_b)``? Timed in interleaved rounds, tested over rounds.
 
