@@ -166,8 +166,9 @@ def compare_speed(a, b, args_a, args_b=None, names=("a", "b"), rounds=10, calls=
     Taught in 05_deployment. Timing all of ``a``'s calls and then all of ``b``'s lets a change
     of load between the two blocks pass for a difference, and calls within a block are not
     independent samples of the comparison. Here each of ``rounds`` rounds times ``calls``
-    calls of ``a`` and ``calls`` of ``b`` (wall time by default; ``a`` first in even rounds, ``b`` first in odd ones, so that an effect of the
-    order, such as a cache the first one warms, does not point the same way every round), so
+    calls of ``a`` and ``calls`` of ``b`` (wall time by default; ``a`` first in even rounds,
+    ``b`` first in odd ones, so that an effect of the order, such as a cache the first one
+    warms, does not point the same way every round), so
     a burst of load lasting a round or more hits both, and forms the round's ratio
     ``r_i = t_i(b) / t_i(a)``. The verdict is the exact sign test over rounds: with ``k`` of
     ``n`` rounds faster for ``a``, ``p = min(1, 2 * P(Binomial(n, 1/2) <= min(k, n - k)))``
