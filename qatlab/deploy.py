@@ -166,7 +166,8 @@ def compare_speed(a, b, args_a, args_b=None, names=("a", "b"), rounds=10, calls=
     Taught in 05_deployment. Timing all of ``a``'s calls and then all of ``b``'s lets a change
     of load between the two blocks pass for a difference, and calls within a block are not
     independent samples of the comparison. Here each of ``rounds`` rounds times ``calls``
-    calls of ``a`` and ``calls`` of ``b`` (wall time by default; ``a`` first in even rounds,
+    calls of ``a`` and ``calls`` of ``b`` (``qatlab.qat_cost.interleaved_step_times``, wall time
+    by default; ``a`` first in even rounds,
     ``b`` first in odd ones, so that an effect of the order, such as a cache the first one
     warms, does not point the same way every round), so
     a burst of load lasting a round or more hits both, and forms the round's ratio
@@ -193,6 +194,7 @@ def compare_speed(a, b, args_a, args_b=None, names=("a", "b"), rounds=10, calls=
     """
     import torch
 
+    from .qat_cost import interleaved_step_times
     from .stats import sign_test_p
 
     for name, fn in (("a", a), ("b", b)):
@@ -218,17 +220,12 @@ def compare_speed(a, b, args_a, args_b=None, names=("a", "b"), rounds=10, calls=
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            for k in ("a", "b"):
-                for _ in range(warmup):
-                    steps[k]()
             for r in range(rounds):   # A first in even rounds, B first in odd ones: an effect of order cancels
-                for k in (("a", "b") if r % 2 == 0 else ("b", "a")):
-                    for _ in range(settle):
-                        steps[k]()
-                    start = clock()
-                    for _ in range(calls):
-                        steps[k]()
-                    times[k].append((clock() - start) / calls)
+                order = ("a", "b") if r % 2 == 0 else ("b", "a")
+                one = interleaved_step_times({k: steps[k] for k in order}, rounds=1, repeats=calls,
+                                             warmup=warmup if r == 0 else 0, clock=clock, settle=settle)
+                for k in order:
+                    times[k] += one[k]
     finally:
         torch.set_num_threads(old_threads)
     ratios = tuple(1.0 if ta == tb else tb / ta if ta > 0 else math.inf for ta, tb in zip(times["a"], times["b"]))

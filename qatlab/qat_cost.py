@@ -63,12 +63,13 @@ def make_train_step(model, batch, lr=0.01, momentum=0.9):
     return step
 
 
-def interleaved_step_times(steps, rounds=5, repeats=2, warmup=1, clock=time.process_time):
+def interleaved_step_times(steps, rounds=5, repeats=2, warmup=1, clock=time.process_time, settle=0):
     """Seconds per call of each step function, measured in interleaved rounds.
 
     ``steps`` maps a name to a zero-argument callable (one training step). Every callable
     first runs ``warmup`` times untimed; then each of ``rounds`` rounds runs every callable
-    ``repeats`` times in a row, in the order given, and records the mean seconds per call.
+    ``repeats`` times in a row, in the order given, and records the mean seconds per call;
+    with ``settle``, each such block follows ``settle`` untimed calls of the same callable.
     Returns ``{name: [seconds per call in round 1, ..., round rounds]}``.
 
     ``clock`` is CPU time of this process by default (less disturbed than wall time by other
@@ -86,14 +87,17 @@ def interleaved_step_times(steps, rounds=5, repeats=2, warmup=1, clock=time.proc
             raise TypeError(f"steps[{name!r}] must be callable, got {type(fn).__name__}")
     _check_positive_int(rounds, "rounds")
     _check_positive_int(repeats, "repeats")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+    for name, value in (("warmup", warmup), ("settle", settle)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     for fn in steps.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, fn in steps.items():
+            for _ in range(settle):
+                fn()
             start = clock()
             for _ in range(repeats):
                 fn()

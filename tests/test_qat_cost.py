@@ -129,3 +129,13 @@ def test_switched_step_trains_and_restores():
     # observers were off during the step: no scale moved; afterwards they are on again
     assert all(torch.equal(a, m.scale) for a, m in zip(scales, qat_cost.fake_quantizers(prepared)))
     assert all(int(m.observer_enabled[0]) == 1 for m in qat_cost.fake_quantizers(prepared))
+
+
+def test_interleaved_step_times_settle_calls_are_untimed_and_adjacent():
+    calls, clock = [], iter(range(1000))
+    times = qat_cost.interleaved_step_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                            rounds=2, repeats=1, warmup=0, settle=2, clock=lambda: next(clock))
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3   # each timed call right after its own settle calls
+    assert times == {"a": [1.0, 1.0], "b": [1.0, 1.0]}              # the clock ticks only around the timed call
+    with pytest.raises(ValueError, match="settle must be a non-negative int, got -1"):
+        qat_cost.interleaved_step_times({"a": lambda: None}, settle=-1)
