@@ -20,9 +20,11 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 	@echo "setup: .venv is ready"
 
-## run: execute every notebook (papermill) -> build/executed, build/html, build/results.json
+## run: execute every notebook (papermill) -> build/executed, build/html, build/results.json,
+## one kernel per CPU at a time (at most 4; JOBS=1 runs them one by one, each with every CPU)
+JOBS ?=
 run: setup
-	$(OFFLINE) $(PY) -m qatlab.runner
+	$(OFFLINE) $(PY) -m qatlab.runner $(if $(JOBS),--jobs $(JOBS))
 
 ## test: every test: unit tests, doctests, nbval over every notebook, a papermill run of
 ## every notebook with a second parameter set, student copies, the browser test, ruff.

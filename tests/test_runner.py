@@ -95,3 +95,45 @@ def test_nbval_waits_longer_than_5_s_for_a_busy_kernels_output(tmp_path):
     conftest.pytest_runtest_setup(item)
     assert item.output_timeout == conftest.NBVAL_OUTPUT_TIMEOUT >= 30
     assert 1 <= item.config.option.nbval_cell_timeout <= 2000
+
+
+@pytest.mark.notebook
+def test_notebooks_run_side_by_side_each_kernel_with_its_share_of_threads(tmp_path, monkeypatch, capsys):
+    """``--jobs 2``: every notebook runs in a kernel of its own with CPUs // 2 threads; a failed and a
+    timed-out notebook are reported by name while the others finish; no kernel is left behind."""
+    from qatlab.runner import run_notebooks
+
+    monkeypatch.delenv("QATLAB_THREADS", raising=False)
+    record = "import os, pathlib\npathlib.Path(f'{name}.threads').write_text(os.environ.get('QATLAB_THREADS', ''))"
+    nbs = [_notebook(tmp_path / "00_ok.ipynb", "name = '00_ok'", record),
+           _notebook(tmp_path / "01_fails.ipynb", "raise RuntimeError('broken on purpose')"),
+           _notebook(tmp_path / "02_hangs.ipynb", "import time\ntime.sleep(600)"),
+           _notebook(tmp_path / "03_ok.ipynb", "name = '03_ok'", record)]
+    out, html = tmp_path / "out", tmp_path / "html"
+    out.mkdir()
+    html.mkdir()
+    seconds, cpu, failed = run_notebooks(nbs, out, html, {}, (5, 60), jobs=2)
+    assert sorted(seconds) == ["00_ok", "03_ok"] and sorted(failed) == ["01_fails", "02_hangs"]
+    assert all(s > 0 for s in seconds.values()) and all(c >= 0 for c in cpu.values())
+    from qatlab.threads import available_cpus
+
+    assert {(tmp_path / f"{n}.threads").read_text() for n in ("00_ok", "03_ok")} == {str(max(1, available_cpus() // 2))}
+    printed = capsys.readouterr().out
+    assert "4 notebook(s), 2 at a time" in printed
+    assert "01_fails: FAILED: PapermillExecutionError" in printed
+    assert "02_hangs: FAILED: NotebookTimeoutError: 02_hangs.ipynb: cell 1 did not finish within the cell limit of 5 s" \
+        in printed
+    assert (html / "00_ok.html").exists() and (out / "02_hangs.ipynb").exists()
+    assert _kernel_children() == []
+    assert "QATLAB_THREADS" not in os.environ   # set in the workers only
+
+
+def test_jobs_and_threads_are_validated(monkeypatch):
+    from qatlab.runner import default_jobs, main
+
+    monkeypatch.setenv("QATLAB_JOBS", "many")
+    with pytest.raises(ValueError, match="QATLAB_JOBS \\(environment\\) must be a positive integer, got 'many'"):
+        default_jobs()
+    monkeypatch.delenv("QATLAB_JOBS")
+    with pytest.raises(SystemExit):
+        main(["--jobs", "0", "--only", "00"])
