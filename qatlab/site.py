@@ -89,26 +89,33 @@ def _results_rows(results):
     rows = []
     for stem in sorted(results):
         metrics = results[stem]
-        seconds = metrics.get("seconds")
-        names = sorted(k for k in metrics if k != "seconds")
-        time_cell = f"{seconds:.1f}" if isinstance(seconds, numbers.Real) else "–"
+        names = sorted(k for k in metrics if k not in TIMES)
+        span = f' rowspan="{len(names)}"' if names else ""
+        times = "".join(f"<td class=num{span}>{_format_time(metrics.get(k))}</td>" for k in TIMES)
         if not names:
             rows.append(f"<tr><td>{html.escape(stem)}</td><td class=missing>(no metrics recorded)</td>"
-                        f"<td></td><td class=num>{time_cell}</td></tr>")
+                        f"<td></td>{times}</tr>")
             continue
         for j, name in enumerate(names):
             first = (f'<td rowspan="{len(names)}">{html.escape(stem)}</td>' if j == 0 else "")
-            last = (f'<td class=num rowspan="{len(names)}">{time_cell}</td>' if j == 0 else "")
             rows.append(f"<tr>{first}<td>{html.escape(name)}</td>"
-                        f"<td class=num>{_format_value(metrics[name])}</td>{last}</tr>")
+                        f"<td class=num>{_format_value(metrics[name])}</td>{times if j == 0 else ''}</tr>")
     return rows
+
+
+# per-notebook times that make run adds to each entry: shown as columns, not as metrics
+TIMES = ("seconds", "cpu_seconds")
+
+
+def _format_time(value):
+    return f"{value:.1f}" if isinstance(value, numbers.Real) and not isinstance(value, bool) else "–"
 
 
 def write_index(html_dir, results, notebooks_dir):
     """Write ``html_dir/index.html`` and return its path.
 
     ``results`` is the merged ``build/results.json``:
-    ``{"<stem>": {"<metric>": value, ..., "seconds": wall time}}``. Every notebook
+    ``{"<stem>": {"<metric>": value, ..., "seconds": wall time, "cpu_seconds": kernel CPU time}}``. Every notebook
     in ``notebooks_dir`` (and every stem in ``results``) is listed; it links to
     ``<stem>.html`` when that page exists in ``html_dir``, otherwise it is marked
     "not run".
@@ -133,7 +140,7 @@ def write_index(html_dir, results, notebooks_dir):
                 '<a href="glossary.html">glossary</a>.</p>' if (html_dir / "glossary.html").exists()
                 else "")
     rows = _results_rows(results)
-    table = ("<table>\n<thead><tr><th>notebook</th><th>metric</th><th>value</th><th>seconds</th></tr></thead>\n"
+    table = ("<table>\n<thead><tr><th>notebook</th><th>metric</th><th>value</th><th>seconds</th><th>CPU seconds</th></tr></thead>\n"
              "<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>") if rows else \
         "<p class=missing>No results yet: run <code>make run</code>.</p>"
     page = f"""<!DOCTYPE html>

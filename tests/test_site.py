@@ -54,7 +54,7 @@ def site(tmp_path):
     write_nb(nbs, "03_fusion", "# 03 · Fusion\nNo italic line here.")
     (html_dir / "01_fake_quant_math.html").write_text("<html></html>")
     (html_dir / "02_observers.html").write_text("<html></html>")
-    results = {"01_fake_quant_math": {"max_err": 0.0039215, "n_bits": 8, "seconds": 12.34},
+    results = {"01_fake_quant_math": {"max_err": 0.0039215, "n_bits": 8, "seconds": 12.34, "cpu_seconds": 20.06},
                "02_observers": {"seconds": 3.0}}
     return write_index(html_dir, results, nbs), html_dir
 
@@ -78,10 +78,10 @@ def test_index_results_table(site):
     path, _ = site
     parsed = Collect()
     parsed.feed(path.read_text(encoding="utf-8"))
-    assert parsed.cells[:4] == ["notebook", "metric", "value", "seconds"]
-    assert parsed.cells[4:9] == ["01_fake_quant_math", "max_err", "0.0039215", "12.3", "n_bits"]
-    assert parsed.cells[9] == "8"
-    assert parsed.cells[10:14] == ["02_observers", "(no metrics recorded)", "", "3.0"]
+    assert parsed.cells[:5] == ["notebook", "metric", "value", "seconds", "CPU seconds"]
+    assert parsed.cells[5:11] == ["01_fake_quant_math", "max_err", "0.0039215", "12.3", "20.1", "n_bits"]
+    assert parsed.cells[11] == "8"
+    assert parsed.cells[12:17] == ["02_observers", "(no metrics recorded)", "", "3.0", "–"]
 
 
 def test_index_uses_no_network_assets(site):
