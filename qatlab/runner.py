@@ -6,7 +6,7 @@
   (default: one per CPU this process may use, at most 4; :func:`default_jobs`), each kernel with
   ``CPUs // jobs`` torch threads (``QATLAB_THREADS``), the notebooks whose last run took longest
   first (:func:`run_order`). On 2 cores two 1-thread kernels side by side get more done than one
-  2-thread kernel: a small model's training step is 0.53 s with 2 threads and 0.71 s with 1, and
+  2-thread kernel: the course's small models gain much less than 2x from a second thread, and
   exports and conversions are single-threaded Python. ``--jobs 1`` runs the notebooks one by one,
   in course order, each with every CPU: the times a reader sees when running one notebook;
 - removes the progress bars from the saved outputs (:func:`strip_progress_bars`: a
