@@ -357,6 +357,7 @@ def run_notebooks(notebooks, executed_dir, html_dir, params, limits, jobs=1, pre
     """
     seconds, cpu, failed = {}, {}, []
     total = len(notebooks)
+    jobs = max(1, min(jobs, total))
 
     def report(done, stem, secs, cpu_s, error):
         if error is None:
@@ -437,6 +438,7 @@ def main(argv=None):
                             if isinstance(entry, dict) and isinstance(entry.get("seconds"), int | float)}
     except (OSError, ValueError):  # no earlier run, or an unreadable file: course order
         previous_seconds = {}
+    jobs = min(jobs, len(notebooks))   # `--only 05` runs alone, with every CPU
     started = time.monotonic()
     seconds, cpu, failed = run_notebooks(notebooks, executed_dir, html_dir, params, limits, jobs=jobs,
                                          previous_seconds=previous_seconds)
