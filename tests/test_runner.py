@@ -137,3 +137,18 @@ def test_jobs_and_threads_are_validated(monkeypatch):
     monkeypatch.delenv("QATLAB_JOBS")
     with pytest.raises(SystemExit):
         main(["--jobs", "0", "--only", "00"])
+
+
+@pytest.mark.notebook
+def test_a_single_notebook_runs_alone_with_every_cpu(tmp_path, monkeypatch):
+    """More jobs than notebooks: the one notebook runs in this process's way, its kernel choosing its own threads."""
+    from qatlab.runner import run_notebooks
+
+    monkeypatch.delenv("QATLAB_THREADS", raising=False)
+    record = "import os, pathlib\npathlib.Path('alone.threads').write_text(os.environ.get('QATLAB_THREADS', 'unset'))"
+    nb = _notebook(tmp_path / "00_alone.ipynb", record)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "html").mkdir()
+    seconds, _, failed = run_notebooks([nb], tmp_path / "out", tmp_path / "html", {}, (60, 120), jobs=4)
+    assert list(seconds) == ["00_alone"] and failed == []
+    assert (tmp_path / "alone.threads").read_text() == "unset"
