@@ -35,6 +35,7 @@ import time
 
 from .files import atomic_path, build_dir, repo_root
 from .site import render_glossary, render_notebook_html, write_index
+from .threads import positive_int
 
 # time limits of one notebook execution (seconds); QATLAB_CELL_TIMEOUT / QATLAB_NOTEBOOK_TIMEOUT
 # override them. The budget is 120 s a notebook on 2 quiet cores: the limits leave room for a
@@ -272,7 +273,7 @@ def default_jobs(cpus=None, environ=None):
     """
     value = (os.environ if environ is None else environ).get("QATLAB_JOBS")
     if value:
-        return _positive_int(value, "QATLAB_JOBS (environment)")
+        return positive_int(value, "QATLAB_JOBS (environment)")
     if cpus is None:
         from .threads import available_cpus
 
@@ -293,16 +294,6 @@ def kernel_threads(jobs, cpus=None, environ=None):
     if env.get("QATLAB_THREADS"):
         return choose_threads(env)
     return max(1, int(available_cpus() if cpus is None else cpus) // jobs)
-
-
-def _positive_int(value, name):
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = 0
-    if isinstance(value, bool) or n < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return n
 
 
 def run_order(notebooks, previous_seconds):
@@ -420,7 +411,7 @@ def main(argv=None):
     params = {k: parse(v) for k, v in args.p}
     try:
         limits = time_limits(args.cell_timeout, args.notebook_timeout)
-        jobs = default_jobs() if args.jobs is None else _positive_int(args.jobs, "--jobs")
+        jobs = default_jobs() if args.jobs is None else positive_int(args.jobs, "--jobs")
     except ValueError as e:
         parser.error(str(e))
     notebooks = sorted((repo_root() / "notebooks").glob("[0-9][0-9]_*.ipynb"))

@@ -74,12 +74,25 @@ def choose_threads(environ=None, cgroup_root=CGROUP):
     value = env.get(ENV)
     if value is None or value == "":
         return available_cpus(cgroup_root)
+    return positive_int(value, ENV)
+
+
+def positive_int(value, name):
+    """``value`` as an int >= 1 (a string such as ``"2"`` too), else ``ValueError`` naming ``name``.
+
+    >>> positive_int("3", "QATLAB_JOBS")
+    3
+    >>> positive_int(0, "--jobs")
+    Traceback (most recent call last):
+    ...
+    ValueError: --jobs must be a positive integer, got 0
+    """
     try:
         n = int(value)
-    except ValueError:
+    except (TypeError, ValueError):
         n = 0
-    if n < 1:
-        raise ValueError(f"{ENV} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or n < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return n
 
 
