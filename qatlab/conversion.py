@@ -19,6 +19,7 @@ import contextlib
 import copy
 
 from .patterns import pattern_cache
+from .provenance import shared_provenance
 
 
 def pt2e_weight_qrange(weight_bits=8):
@@ -148,8 +149,8 @@ def prepare_pt2e(model, input_shape, is_qat=True, weight_bits=8, act_observer="h
     quantizer = xnnpack_quantizer(is_qat, weight_bits, act_observer)  # checks the arguments before exporting
     model = model.cpu().train(is_qat)
     example = (torch.zeros(2, *input_shape),)  # zeros: exporting draws no random numbers
-    exported = torch.export.export(model, example, dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
-    with pattern_cache():
+    with pattern_cache(), shared_provenance():
+        exported = torch.export.export(model, example, dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
         prepared = allow_train_eval((prepare_qat_pt2e if is_qat else prepare_ptq)(exported, quantizer))
     prepared.input_shape = tuple(input_shape)
     prepared.weight_bits = weight_bits
@@ -207,7 +208,7 @@ def ptq_int8(fp32_model, calib_batches, *, api, input_shape=None, weight_bits=8,
         prepared = prepare_pt2e(model, input_shape, is_qat=False, weight_bits=weight_bits,
                                 act_observer=act_observer)
         calibrate(prepared)
-        with pattern_cache():
+        with pattern_cache(), shared_provenance():
             converted = allow_train_eval(convert_pt2e(prepared)).eval()
         converted.input_shape = tuple(input_shape)
         return converted
@@ -254,7 +255,7 @@ def convert_int8(model):
 
         from .qat import allow_train_eval
 
-        with pattern_cache():
+        with pattern_cache(), shared_provenance():
             m = move_exported_model_to_eval(m)
             m.training = False
             converted = allow_train_eval(convert_pt2e(m)).eval()
@@ -284,7 +285,8 @@ def save_int8_model(model, path, meta):
     if isinstance(model, torch.fx.GraphModule):
         path = path.with_suffix(".pt2")
         example = (torch.zeros(2, *model.input_shape),)
-        program = torch.export.export(model, example, dynamic_shapes=({0: torch.export.Dim("batch")},))
+        with shared_provenance():
+            program = torch.export.export(model, example, dynamic_shapes=({0: torch.export.Dim("batch")},))
         buffer = io.BytesIO()
         torch.export.save(program, buffer)  # to memory first: the temporary name is not *.pt2
         with atomic_path(path) as tmp:

@@ -183,12 +183,13 @@ def allow_train_eval(graph_module):
     )
 
     from .patterns import pattern_cache
+    from .provenance import shared_provenance
 
     allow_exported_model_train_eval(graph_module)
 
     # the switches act on ``self``: a deep copy of the model switches itself, not the original
     def train(self, mode=True):
-        with pattern_cache():   # torchao matches dropout/BN patterns on every switch: exported once
+        with pattern_cache(), shared_provenance():   # torchao matches dropout/BN patterns on every switch: exported once
             (move_exported_model_to_train if mode else move_exported_model_to_eval)(self)
         self.training = bool(mode)
         return self

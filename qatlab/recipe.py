@@ -213,8 +213,9 @@ def predict_fake_quant(model, loader, device=None):
         from torchao.quantization.pt2e import move_exported_model_to_eval
 
         from .patterns import pattern_cache
+        from .provenance import shared_provenance
 
-        with pattern_cache():
+        with pattern_cache(), shared_provenance():
             model = move_exported_model_to_eval(copy.deepcopy(model))
         model.training = False
     with observers_disabled(model):

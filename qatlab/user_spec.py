@@ -9,6 +9,7 @@ module name (``mypkg.models``) or a path to a ``.py`` file. The model callable r
 anything is trained or written.
 """
 
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -61,7 +62,10 @@ def load_callable(spec, flag="--model"):
     if module_name.endswith(".py") or path.is_file():
         if not path.is_file():
             raise SpecError(f"{flag} {spec!r}: module file {module_name!r} not found")
-        unique = f"qatlab_user_{abs(hash(str(path.resolve())))}_{path.stem}"
+        # a name from the file's path, the same in every process (hash() of a str is salted per process),
+        # so that what records module names (a saved program's metadata) is the same from run to run
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+        unique = f"qatlab_user_{digest}_{path.stem}"
         if unique in sys.modules:
             module = sys.modules[unique]
         else:
