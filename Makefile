@@ -35,7 +35,7 @@ run: setup
 WORKERS ?= $(shell $(PY) -c 'from qatlab.threads import available_cpus; print(max(1, min(4, int(available_cpus()))))')
 test: setup
 	$(PY) -m ruff check qatlab tests notebooks
-	QATLAB_BUILD=$(CURDIR)/build/test QATLAB_THREADS=1 $(OFFLINE) $(PY) -m pytest -n $(WORKERS) --dist loadscope \
+	QATLAB_BUILD=$(CURDIR)/build/test QATLAB_CACHE=$(CURDIR)/build/test/cache QATLAB_THREADS=1 $(OFFLINE) $(PY) -m pytest -n $(WORKERS) --dist loadscope \
 		--nbval-lax --durations=25 $(PYTEST_ARGS) tests qatlab notebooks
 
 ## test-fast: unit tests and doctests only (no notebooks, no browser)

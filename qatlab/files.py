@@ -1,9 +1,10 @@
 """Where qatlab reads and writes, and how it writes without leaving half a file.
 
 ``build_dir()`` holds everything a run produces (checkpoints, results, executed
-notebooks); ``data_dir()`` holds dataset caches. Both can be moved with the
-environment variables ``QATLAB_BUILD`` and ``QATLAB_DATA`` (the tests use this to
-run in a scratch folder).
+notebooks); ``data_dir()`` holds dataset caches; ``cache_dir()`` holds what any run may
+reuse (torchao's pattern graphs, :mod:`qatlab.patterns`). They can be moved with the
+environment variables ``QATLAB_BUILD``, ``QATLAB_DATA`` and ``QATLAB_CACHE`` (the tests use
+this to run in a scratch folder).
 """
 
 import contextlib
@@ -21,6 +22,17 @@ def repo_root():
 def build_dir():
     """``$QATLAB_BUILD`` or ``<repo>/build``, created on demand."""
     path = Path(os.environ.get("QATLAB_BUILD") or repo_root() / "build")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cache_dir():
+    """``$QATLAB_CACHE`` or ``<repo>/build/cache``, created on demand: what a run may reuse from any other run.
+
+    Unlike :func:`build_dir` it does not follow ``QATLAB_BUILD``, so runs with build folders of their
+    own (the tests' scratch folders) share it. ``make test`` points it at ``build/test/cache``.
+    """
+    path = Path(os.environ.get("QATLAB_CACHE") or repo_root() / "build" / "cache")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
