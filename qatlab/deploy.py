@@ -444,7 +444,7 @@ def export_executorch(model, example_inputs, path, delegate="xnnpack", max_batch
                                  non_delegated_nodes=stored["non_delegated_nodes"], summary=stored["summary"],
                                  max_batch=stored["max_batch"], reused=True)
     methods = None if max_batch is None else {MAX_BATCH_METHOD: max_batch}
-    with shared_provenance():   # the same program, a fifth faster (qatlab.provenance)
+    with shared_provenance():   # the same program, about a fifth faster (qatlab.provenance)
         edge = to_edge_transform_and_lower(program, partitioner=partitioner, constant_methods=methods)
     if max_batch is not None:
         planned = _planned_batch(edge)

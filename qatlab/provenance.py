@@ -4,11 +4,11 @@ Every node that ``torch.export`` or a graph pass makes records where it came fro
 ``node.meta["from_node"]``, a list of :class:`torch.fx.traceback.NodeSource`, each of which
 holds the ``from_node`` list of the node it was made from. torch 2.14 makes each new record
 with a **deep copy** of that history. A node that has been through :math:`p` passes has a
-history :math:`p` records deep, so a pipeline of :math:`P` passes copies
+history up to :math:`p` records deep, so a pipeline of :math:`P` passes copies up to
 :math:`1 + 2 + \\dots + P = O(P^2)` records per node; ``prepare_qat_pt2e`` and
 ``convert_pt2e`` (tens of passes, plus about 140 pattern exports) and ExecuTorch's
-``to_edge_transform_and_lower`` (each XNNPACK partition goes through its own passes) spend a
-fifth to a quarter of their time in those copies on 2 CPU cores.
+``to_edge_transform_and_lower`` (each XNNPACK partition goes through its own passes) spend
+about a fifth of their time in those copies on the capstone's ResNet-20 (notebook 10).
 
 Within :func:`shared_provenance` a new record holds a new *list* of the same older records
 instead of copies of them. torch never changes a record after making it (passes append to a
