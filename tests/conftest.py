@@ -25,6 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 
 
+@pytest.fixture
+def one_thread():
+    """torch at one thread for the test (exports and lowerings gain nothing from a second), restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def notebook_build(tmp_path_factory):
     shared = os.environ.get("QATLAB_BUILD")

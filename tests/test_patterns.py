@@ -14,14 +14,6 @@ from qatlab.user_spec import load_callable
 FIXTURE = Path(__file__).with_name("user_model_fixture.py")
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def prepare_train_convert(net, shape, use_cache):
     """torchao's own prepare_qat_pt2e -> 3 SGD steps -> eval -> convert_pt2e, inside the block or not."""
     from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
