@@ -18,16 +18,16 @@ seconds per QAT run spent on graphs that never change.
    ``torch.export.save`` to ``patterns/`` of :func:`qatlab.files.cache_dir`, under a name
    made from the same description (:func:`pattern_file_key`: the function's module, name and
    bytecode, its closure, the example shapes, and the torch, torchao and ExecuTorch versions),
-   so a new process loads it (about 0.05 s) instead of exporting it again (0.3 s); a file
-   that does not load is exported and written again;
+   so a new process loads it, in a fraction of an export's time, instead of exporting it
+   again; a file that does not load is exported and written again;
 3. **skipping absent conv kinds**: torchao's two conv-BN rewrites run once per conv kind
    (``conv1d``, ``conv2d``, ``conv_transpose1d``, ``conv_transpose2d``); a kind with no
    node in the graph can match nothing, so its pass is skipped.
 
 ``tests/test_patterns.py`` checks that a prepared and a converted model are the same bit
 for bit with and without the block, and with the graphs exported or loaded from disk.
-Where the installed torchao has no such functions the block changes nothing. Used by :mod:`qatlab.conversion` and
-:func:`qatlab.qat.allow_train_eval`; taught in 10_qat_your_own_model.
+Where the installed torchao has no such functions the block changes nothing. Used by
+:mod:`qatlab.conversion` and :func:`qatlab.qat.allow_train_eval`; taught in 10_qat_your_own_model.
 """
 
 import contextlib
