@@ -418,7 +418,7 @@ def _as_seed_matrix(x, name, losses=False):
 
 
 def recovered_fraction_ci(fp32, ptq, qat, n_boot=2000, seed=0, level=0.95, lower_is_better=False,
-                          items="images"):
+                          items="images", paired_seeds=False):
     """``(qat - ptq) / (fp32 - ptq)`` with a two-level bootstrap interval over seeds and items.
 
     Each argument is a list over seeds of per-image correctness vectors on the **same** test
@@ -436,6 +436,14 @@ def recovered_fraction_ci(fp32, ptq, qat, n_boot=2000, seed=0, level=0.95, lower
     ``c_n = t_{n-1} / z * sqrt(n / (n - 1))`` at the interval's level (2.7 for 3 seeds at 95 %,
     9.2 for 2). The image level needs no such factor (1,000 images).
 
+    **Seeds paired across arms** (``paired_seeds=True``): where seed ``i`` of every arm belongs
+    to one experiment (the fp32 fine-tune of seed ``i``, the PTQ of that fine-tune and the QAT run
+    of seed ``i`` share their data order, 10_qat_your_own_model), a replicate draws one set of
+    seed indices for all three arms, as a paired design is resampled; a seed that is hard for
+    every arm then moves the numerator and the denominator together. The arms must hold the
+    same number of seeds. The default draws each arm's seeds on their own, which suits arms
+    whose seeds are unrelated.
+
     ``lower_is_better=True`` takes per-item **losses** instead (float vectors, e.g. the bits per
     byte of each evaluation window of a language model, 12_qat_language_model): the fraction is
     then ``(ptq - qat) / (ptq - fp32)``, the same formula on the negated scores, and a replicate
@@ -450,6 +458,10 @@ def recovered_fraction_ci(fp32, ptq, qat, n_boot=2000, seed=0, level=0.95, lower
     >>> r = recovered_fraction_ci(fp32, ptq, qat)
     >>> 0.8 < r.estimate < 1.0 and r.ci_low < r.estimate < r.ci_high
     True
+    >>> p = recovered_fraction_ci(fp32, ptq, qat, paired_seeds=True)   # one fp32 seed: an error
+    Traceback (most recent call last):
+    ...
+    ValueError: paired_seeds=True needs the same number of seeds in every arm, got fp32 1, ptq 3, qat 3
     >>> bpb = 2.6 + 0.3 * torch.rand(64, generator=g)             # a loss per evaluation window
     >>> r = recovered_fraction_ci(bpb, bpb + 0.5, bpb + 0.1, lower_is_better=True, items="windows")
     >>> round(r.estimate, 6), r.items
@@ -469,6 +481,11 @@ def recovered_fraction_ci(fp32, ptq, qat, n_boot=2000, seed=0, level=0.95, lower
     if any(a.shape[1] != n_img for a in arms):
         raise ValueError(f"fp32, ptq and qat must score the same {items}, got "
                          f"{[a.shape[1] for a in arms]}")
+    if not isinstance(paired_seeds, bool):
+        raise TypeError(f"paired_seeds must be True or False, got {paired_seeds!r}")
+    if paired_seeds and len({a.shape[0] for a in arms}) != 1:
+        raise ValueError("paired_seeds=True needs the same number of seeds in every arm, got "
+                         + ", ".join(f"{name} {a.shape[0]}" for name, a in zip(("fp32", "ptq", "qat"), arms)))
     acc = [a.mean().item() for a in arms]
     if not acc[0] > acc[1]:
         what = (f"fp32 {-acc[0]:.4f}, PTQ {-acc[1]:.4f}" if lower_is_better
@@ -485,9 +502,10 @@ def recovered_fraction_ci(fp32, ptq, qat, n_boot=2000, seed=0, level=0.95, lower
         b = min(250, n_boot - start)
         images = torch.randint(0, n_img, (b, n_img), generator=g)
         means = []
+        shared = torch.randint(0, arms[0].shape[0], (b, arms[0].shape[0]), generator=g) if paired_seeds else None
         for a, c in zip(arms, widen):
             per_seed = a[:, images].mean(dim=2)  # seeds x b
-            pick = torch.randint(0, a.shape[0], (b, a.shape[0]), generator=g)
+            pick = shared if paired_seeds else torch.randint(0, a.shape[0], (b, a.shape[0]), generator=g)
             centre = per_seed.mean(dim=0)
             means.append(centre + c * (per_seed.gather(0, pick.T).mean(dim=0) - centre))
         boot.append((means[2] - means[1]) / (means[0] - means[1]).where(means[0] > means[1],

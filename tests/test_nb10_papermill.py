@@ -25,6 +25,7 @@ def test_nb10_runs_with_seed_1_cheaply(run_notebook):
         rec = (r["capstone_qat_acc"] - r["capstone_best_ptq_acc"]) / r["capstone_ptq_drop_pp"]
         assert r["capstone_qat_recovered"] == pytest.approx(rec, abs=1e-5)   # float32 accuracies vs bool counts
     assert r["capstone_qat_recovered_ci_low"] <= r["capstone_qat_recovered"]
+    assert r["capstone_qat_recovered_ci_low_unpaired"] <= r["capstone_qat_recovered"]
     assert 0.0 <= r["capstone_qat_vs_ptq_p"] <= 1.0
     assert 0.0 <= r["capstone_fold_max_abs_diff"] < 1e-3
     # the shipped file: an int8 program smaller than the fp32 weights, computing the model QAT measured

@@ -250,3 +250,27 @@ def test_recovered_fraction_ci_widens_the_seed_level_to_a_t_interval():
     assert r.ci_high > 0.9 and r.undefined > 0       # PTQ's mean drawn far below and above its two seeds
     same = recovered_fraction_ci(fp32, [hits(800), hits(800)], qat, n_boot=1000, seed=0)
     assert same.ci_high - same.ci_low < 0.2           # seeds that agree: only the images' noise is left
+
+
+def test_recovered_fraction_ci_paired_seeds_moves_the_arms_together():
+    """Seed 1 is harder than seed 0 for every arm, by the same amount, so the fraction of each seed
+    is the same (0.8): drawn per arm, the seeds mix an easy QAT with a hard PTQ and widen the interval;
+    drawn once for all arms (the paired design), the seeds' shifts cancel in the fraction and the
+    interval is far narrower."""
+    from qatlab.stats import recovered_fraction_ci
+
+    def hits(k):
+        v = torch.zeros(1000, dtype=torch.bool)
+        v[:k] = True
+        return v
+
+    fp32, ptq, qat = [hits(970), hits(930)], [hits(870), hits(830)], [hits(950), hits(910)]
+    apart = recovered_fraction_ci(fp32, ptq, qat, n_boot=1000, seed=0)
+    paired = recovered_fraction_ci(fp32, ptq, qat, n_boot=1000, seed=0, paired_seeds=True)
+    assert apart.estimate == paired.estimate == pytest.approx(0.8)
+    assert paired.ci_low < 0.8 < paired.ci_high
+    assert paired.ci_high - paired.ci_low < 0.5 * (apart.ci_high - apart.ci_low)
+    with pytest.raises(ValueError, match="same number of seeds in every arm, got fp32 2, ptq 1, qat 2"):
+        recovered_fraction_ci(fp32, ptq[:1], qat, paired_seeds=True)
+    with pytest.raises(TypeError, match="paired_seeds must be True or False, got 'yes'"):
+        recovered_fraction_ci(fp32, ptq, qat, paired_seeds="yes")
