@@ -118,12 +118,17 @@ def execute(notebook, out_dir, parameters, cell_timeout=None, notebook_timeout=N
     (``execution.iopub.status.busy``, ``shell.execute_reply``) tells whether the kernel had
     started, finished or replied to the cell it stopped in.
 
+    The kernel client polls its sockets in short slices (:mod:`qatlab.kernels`): a message whose
+    wakeup the client missed is read within half a second instead of never.
+
     ``headless`` sets ``QATLAB_HEADLESS=1`` for the kernel: explorers draw once instead of
     opening widgets nobody sees (:func:`qatlab.interactive.interact`).
     """
     import nbformat
     import papermill as pm
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
+    from .kernels import KernelManager  # polls in slices: a lost wakeup cannot hang a run
 
     cell_limit, nb_limit = time_limits(cell_timeout, notebook_timeout)
     out = out_dir / notebook.name
@@ -148,7 +153,7 @@ def execute(notebook, out_dir, parameters, cell_timeout=None, notebook_timeout=N
         pm.execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(notebook.parent),
                             kernel_name="python3", progress_bar=False, log_output=False,
                             extra_arguments=["--IPKernelApp.log_level=ERROR"],
-                            timeout_func=timeout_func)
+                            timeout_func=timeout_func, kernel_manager_class=KernelManager)
     except (CellTimeoutError, DeadKernelError, TimeoutError) as e:
         cell = current.get("cell")
         index = "?"
