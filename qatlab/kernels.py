@@ -4,8 +4,9 @@
 one ``await socket.poll(timeout)`` on the shell channel's ``zmq.asyncio`` socket
 (``jupyter_client``'s ``AsyncZMQSocketChannel.get_msg``). ZeroMQ signals new messages through
 a file descriptor that is *edge-triggered* (libzmq's ``zmq_getsockopt``, ``ZMQ_FD``: it only
-tells that the socket's state may have changed), and here that wakeup can go missing: measured
-with ``scripts/stress_kernels --live-widgets`` on notebook 01 beside a CPU-burning process, the
+tells that the socket's state may have changed), and here that wakeup can go missing: found
+with ``scripts/stress_kernels --live-widgets`` on notebook 01 beside a CPU-burning process and
+traced message by message, the
 kernel sent the reply of the ``interact(...)`` cell (about twenty widget messages on iopub at
 the same moment) with its header dated right after the cell ran, and the client's ``poll``
 returned it only when its timeout ran out, 45 s later with a 45 s limit, with the message in
