@@ -9,8 +9,8 @@ with ``scripts/stress_kernels --live-widgets`` on notebook 01 beside a CPU-burni
 traced message by message, the
 kernel sent the reply of the ``interact(...)`` cell (about twenty widget messages on iopub at
 the same moment) with its header dated right after the cell ran, and the client's ``poll``
-returned it only when its timeout ran out, 45 s later with a 45 s limit, with the message in
-the socket all along. With no time limit, the client waits forever for a reply it already has:
+returned it only when its timeout ran out, 45 s later with a 45 s limit (60 s with a 60 s
+limit, 124 s with 120 s: the delay follows the client's timeout, not the kernel). With no time limit, the client waits forever for a reply it already has:
 a kernel idle in its event loop and a client waiting, the hang of a papermill run.
 
 **The fix.** :class:`SlicedPollChannel` waits in slices of :data:`POLL_SLICE` seconds: each
