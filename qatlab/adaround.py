@@ -16,12 +16,23 @@ and minimizes, on calibration inputs, the reconstruction of the layer's output
 
     loss = || f(W x_q) - f(W_soft x_q) ||^2  +  λ · Σ (1 - |2 h(V) - 1|^β)
 
-``x_q`` is what the layer sees in the network quantized so far (the paper's
-asymmetric reconstruction); the target ``f(W x)`` comes from the float network.
-``β`` is annealed from 20 to 2 after a warm-up of 20 % of the iterations without
-the regularizer: high ``β`` leaves ``h`` free to move, low ``β`` forces a decision.
-At the end every weight is set hard: ``code = floor(W / s) + [V >= 0]``, exactly its
-floor or its ceiling code. ``V`` starts where ``h(V)`` equals the fractional part of
+``x_q`` is what the layer sees in the network whose earlier layers are already
+rounded (activations in float), and ``f`` is the ReLU after a conv, the identity
+for a linear layer. The squared error is summed over output channels and averaged
+over positions and the images of a mini-batch. Both terms take the same inputs
+``x_q``: :func:`apply_adaround` builds the target ``f(W x_q)`` by applying the
+*float* layer to the quantized network's inputs, so each layer is fitted to what
+its own float weights would do with the inputs it actually gets. This is not the
+paper's asymmetric reconstruction, ``|| f(W x) - f(W_soft x_q) ||^2`` with ``x``
+from the float network, which also lets a layer absorb part of the error of the
+layers before it.
+
+Settings (the defaults of :func:`apply_adaround` and :func:`adaround_layer`): Adam
+on ``V`` with learning rate ``lr = 0.01``, ``λ = reg_weight = 0.01``, no regularizer
+during a warm-up of the first 20 % of the iterations, then ``β`` annealed linearly
+from 20 to 2 (:func:`beta_schedule`): high ``β`` leaves ``h`` free to move, low
+``β`` forces a decision. At the end every weight is set hard:
+``code = floor(W / s) + [V >= 0]``, exactly its floor or its ceiling code. ``V`` starts where ``h(V)`` equals the fractional part of
 ``W / s`` (so ``W_soft = W`` before the first step).
 """
 
@@ -85,8 +96,12 @@ def adaround_layer(layer, inputs, targets, scale, qmin, qmax, *, iters=200, lr=1
     """AdaRound one conv / linear layer; returns ``(codes, floor_codes, w_hat, losses)``. The layer is not changed.
 
     Taught in 11_strongest_ptq. ``inputs``: what the layer sees in the quantized
-    network (``x_q``); ``targets``: the float layer's outputs on the same images
-    (pre-ReLU; ``relu=True`` compares after the ReLU). ``scale`` broadcasts against
+    network (``x_q``); ``targets``: the outputs to reconstruct for those same inputs,
+    pre-ReLU (``relu=True`` compares after the ReLU); :func:`apply_adaround` passes
+    the float layer applied to ``x_q``. Loss per step: the squared error summed over
+    output channels, averaged over positions and a mini-batch of ``batch_size``
+    inputs, plus ``reg_weight`` (λ) times the rounding regularizer once the warm-up
+    of :func:`beta_schedule` is over. ``scale`` broadcasts against
     the weight (one per output channel, or one). Adam on ``V`` with mini-batches
     drawn with ``seed``. ``codes`` are integers in ``[qmin, qmax]``, each equal to
     ``floor_codes`` or ``floor_codes + 1``; ``w_hat = codes · scale``.
@@ -135,10 +150,14 @@ def apply_adaround(float_model, quant_model, calib_x, bits, granularity="per_cha
     """AdaRound every conv / linear of ``quant_model``, in order, in place; returns a per-layer report.
 
     Taught in 11_strongest_ptq. ``float_model`` and ``quant_model`` start as the same
-    BN-folded float network (``quant_model`` may already be equalized, as long as
-    ``float_model`` is the same function). Each layer sees the inputs produced by the
-    layers before it *as already rounded* (asymmetric reconstruction). Convs are
-    followed by a ReLU (as in SmallCNN / TinyMobileNet), the classifier is not.
+    BN-folded float network, with the same weights layer by layer (to AdaRound an
+    equalized network, pass the equalized float network as ``float_model``: the
+    targets come from its layers, so being the same function is not enough). Each layer sees the inputs ``x_q`` produced
+    by the layers before it *as already rounded* (activations in float), and its
+    target is the float layer of ``float_model`` applied to those same inputs,
+    ``f(W x_q)``, not the float network's own activations (the paper's asymmetric
+    reconstruction uses ``f(W x)``). Convs are followed by a ReLU (as in SmallCNN /
+    TinyMobileNet), the classifier is not.
     Report: ``{name: {"rtn_error", "adaround_error", "on_grid", "seconds"}}`` with the
     output errors of round-to-nearest and AdaRound on the calibration images, and
     whether every code is the weight's floor or ceiling code.

@@ -26,8 +26,9 @@ is applied lazily: inside a block of ``block_size`` columns immediately, to the
 columns after the block once per block (``W[:, after] -= E_block U[block, after]``),
 which is the same arithmetic regrouped (the paper's "lazy batch updates").
 
-The grid is symmetric, group-wise, as torchao's int4 / 8da4w layouts
-(:mod:`qatlab.groupwise`): each row is cut into groups of ``group_size``
+The grid is symmetric and group-wise (:mod:`qatlab.groupwise`; torchao's int4
+weight-only grid is asymmetric, with zero points, so only the 8-bit per-row case
+is compared with torchao code for code, in ``tests/test_gptq.py``): each row is cut into groups of ``group_size``
 consecutive input columns, and a group's scale ``amax / ((qmax - qmin) / 2)`` is
 fixed from the *current* (already error-corrected) weights when the algorithm
 reaches the group's first column, as torchao's ``gptq_quantize`` does.
