@@ -88,7 +88,8 @@ class McNemar:
 
     def __str__(self):
         verdict = "a real difference" if self.significant else "no difference detected"
-        return (f"McNemar: {self.only_a} images only A gets right, {self.only_b} only B; "
+        images = "image" if self.only_a == 1 else "images"
+        return (f"McNemar: {self.only_a} {images} only A gets right, {self.only_b} only B; "
                 f"exact p = {self.p_value:.3g} -> {verdict} (at 5 %)")
 
 

@@ -8,7 +8,7 @@ import pytest
 @pytest.mark.notebook
 def test_nb04_runs_with_seed_1(run_notebook, notebook_build):
     r = run_notebook("04_qat_training", seed=1, seeds=2, curve_points=2, calib_batches=4)
-    assert r["seeds"] == 2  # the multi-seed path (compare_runs needs >= 2) runs
+    assert r["seeds"] == 2  # the multi-seed path (paired_t over seeds needs >= 2) runs
     for key in ("fp32_finetuned_acc", "ptq_int8_acc", "ptq_int8_histogram_acc", "qat_int8_acc",
                 "pt2e_qat_fq_acc", "eager_qat_fq_acc"):
         assert 95.0 < r[key] <= 100.0, (key, r[key])

@@ -23,6 +23,15 @@ def test_nb07_runs_with_seed_1(run_notebook, papermill_build):
     # int4 with groups loses little; int2 per-channel is the scheme with the least SQNR
     assert r["sqnr_int4_group32_db"] > r["sqnr_int2_group32_db"] > r["sqnr_int2_per_channel_db"] > 3.0
     assert abs(r["int2_ptq_drop_pp"] - (r["fp32_finetuned_acc"] - r["ptq_8da2w_per_channel_acc"])) < 1e-6
+    # a recovered fraction (and the goal judged on it) only where PTQ's int2 drop is detected (paired t, p < 0.05)
+    assert 0.0 <= r["int2_ptq_drop_p"] <= 1.0
+    detected = r["int2_ptq_drop_p"] < 0.05 and r["int2_ptq_drop_pp"] > 0
+    if not detected:
+        assert "int2_qat_recovered" not in r and "goal_int2_qat_recovered_met" not in r, r
+    if "int2_qat_recovered" in r:
+        assert r["int2_qat_recovered_ci_low"] <= r["int2_qat_recovered"]
+    if "goal_int2_qat_recovered_met" in r:
+        assert "int2_qat_recovered" in r and r["int2_ptq_drop_pp"] >= 5.0
     # quantization-aware training must not lose badly to doing nothing at 2 bits
     assert r["qat_8da2w_per_channel_acc"] > r["ptq_8da2w_per_channel_acc"] - 1.0
     assert r["mha_fake_quantized_weight_fraction"] == 0.5  # only the MLP's two Linear layers per block
