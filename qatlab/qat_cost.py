@@ -148,12 +148,13 @@ def step_ratio(times, num, den):
 class Part:
     """One component of the extra time: ``seconds`` per step (median over rounds of the
     within-round difference), as a ``share`` of the whole extra time, and as a ``fraction``
-    of the baseline step."""
+    of the baseline step; ``per_round`` holds the within-round differences themselves."""
 
     name: str
     seconds: float
     share: float
     fraction: float
+    per_round: tuple = ()
 
 
 def breakdown(times, chain):
@@ -166,9 +167,11 @@ def breakdown(times, chain):
 
 
     >>> t = {"fp32": [1.0, 1.0], "fq": [1.5, 1.7], "qat": [2.0, 2.2]}
-    >>> [(p.name, round(p.seconds, 2), round(p.share, 2)) for p in
-    ...  breakdown(t, [("", "fp32"), ("fake quant", "fq"), ("observers", "qat")])]
+    >>> parts = breakdown(t, [("", "fp32"), ("fake quant", "fq"), ("observers", "qat")])
+    >>> [(p.name, round(p.seconds, 2), round(p.share, 2)) for p in parts]
     [('fake quant', 0.6, 0.55), ('observers', 0.5, 0.45)]
+    >>> [round(d, 2) for d in parts[0].per_round]
+    [0.5, 0.7]
     """
     if len(chain) < 2:
         raise ValueError(f"chain needs a baseline and at least one more variant, got {chain!r}")
@@ -180,8 +183,9 @@ def breakdown(times, chain):
     base_median = statistics.median(base)
     parts = []
     for (_, prev), (name, variant) in zip(chain, chain[1:]):
-        extra = statistics.median([a - b for a, b in zip(times[variant], times[prev])])
-        parts.append(Part(name, extra, extra / total if total else math.nan, extra / base_median))
+        diffs = tuple(a - b for a, b in zip(times[variant], times[prev]))
+        extra = statistics.median(diffs)
+        parts.append(Part(name, extra, extra / total if total else math.nan, extra / base_median, diffs))
     return parts
 
 

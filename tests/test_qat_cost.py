@@ -53,6 +53,7 @@ def test_breakdown_parts_add_up_to_the_total():
     assert [round(p.seconds, 6) for p in parts] == [0.1, 0.3, 0.6, 0.3]
     assert sum(p.share for p in parts) == pytest.approx(1.0)
     assert parts[2].fraction == pytest.approx(0.6 / 1.0)
+    assert parts[2].per_round == pytest.approx((0.6, 0.6, 0.6))   # the within-round differences, kept
 
 
 @pytest.mark.parametrize("bad, match", [({}, "non-empty"), ({"a": 3}, "callable")])
