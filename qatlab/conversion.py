@@ -43,6 +43,8 @@ def _make_kernel_qparams_fake_quantize():
     """Build :class:`KernelQParamsFakeQuantize` (on first use: it subclasses a torchao class)."""
     from torchao.quantization.pt2e.fake_quantize import FusedMovingAvgObsFakeQuantize
 
+    from .fast_fake_quant import observe_and_fake_quantize, takes_fast_path
+
     class KernelQParamsFakeQuantize(FusedMovingAvgObsFakeQuantize):
         """torchao's ``FusedMovingAvgObsFakeQuantize`` whose ``calculate_qparams`` returns the scale and
         zero-point the fused kernel trained with (its buffers), not its inner observer's.
@@ -54,11 +56,20 @@ def _make_kernel_qparams_fake_quantize():
         every weight on a grid whose step is up to 1/7 larger or smaller (3 bits), 1/15 (4 bits) or 1/3
         (2 bits) than the one QAT trained on, and its
         predictions drift from the fake-quant model's (notebook 10 measures it). torchao fixes the same mismatch upstream with a ``use_kernel_params`` flag
-        (pytorch/ao#4824, after torchao 0.18). Taught in 10_qat_your_own_model.
+        (pytorch/ao#4824, after torchao 0.18).
+
+        Its ``forward`` computes the same numbers as torchao's; on a per-tensor CPU float32 input
+        the fake quantization runs as vectorized tensor ops (:mod:`qatlab.fast_fake_quant`,
+        bit for bit torch's kernel, several times faster). Taught in 10_qat_your_own_model.
         """
 
         def calculate_qparams(self):
             return self.scale.detach().clone(), self.zero_point.detach().clone()
+
+        def forward(self, X):
+            if takes_fast_path(self, X):
+                return observe_and_fake_quantize(self, X)
+            return super().forward(X)
 
     KernelQParamsFakeQuantize.__module__ = __name__
     KernelQParamsFakeQuantize.__qualname__ = "KernelQParamsFakeQuantize"
@@ -224,18 +235,20 @@ def ptq_int8(fp32_model, calib_batches, *, api, input_shape=None, weight_bits=8,
         return convert(model, inplace=True).eval()
 
 
-def export_pte(converted, path, max_batch=64):
+def export_pte(converted, path, max_batch=64, reuse=False):
     """Lower a ``convert_pt2e`` model to an XNNPACK ``.pte`` at ``path`` (atomically); return the summary.
 
     The batch dimension is dynamic up to ``max_batch`` (:func:`qatlab.deploy.export_executorch`),
-    the input shape is the one :func:`prepare_pt2e` recorded. Taught in 05_deployment.
+    the input shape is the one :func:`prepare_pt2e` recorded. ``reuse=True`` keeps an existing
+    ``path`` whose stored program digest matches this program (the summary says ``reused``).
+    Taught in 05_deployment.
     """
     import torch
 
     from .deploy import export_executorch
 
     example = (torch.zeros(2, *converted.input_shape),)
-    return export_executorch(converted, example, path, delegate="xnnpack", max_batch=max_batch)
+    return export_executorch(converted, example, path, delegate="xnnpack", max_batch=max_batch, reuse=reuse)
 
 
 def convert_int8(model):

@@ -472,13 +472,15 @@ def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, scalin
         ptq_acc = _top1(ptq_logits, labels)
     sizes = {"fp32_state_dict_bytes": _state_dict_bytes(fp32), "int8_file_bytes": os.path.getsize(shipped_file)}
     pte = {"pte_file": None, "pte_acc": None, "pte_top1_agreement_vs_fake_quant": None,
-           "pte_top1_agreement_vs_int8": None, "pte_max_abs_diff_vs_int8": None}
+           "pte_top1_agreement_vs_int8": None, "pte_max_abs_diff_vs_int8": None, "pte_reused": None}
     if not eager and cfg.pte:
         from .deploy import run_executorch
         from .noise import native_stderr_filtered
 
         pte_path = os.path.join(out, "model_int8.pte")
-        summary = export_pte(shipped, pte_path)
+        # the same converted program as an earlier run's (same graph, weights, versions) keeps its file:
+        # lowering is the slowest step of shipping (qatlab.deploy.program_digest)
+        summary = export_pte(shipped, pte_path, reuse=True)
         with native_stderr_filtered():
             pte_logits = run_executorch(pte_path, test_loader, threads=max(1, torch.get_num_threads()))
         vs_int8 = parity(pte_logits, int8_logits)
@@ -487,7 +489,7 @@ def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, scalin
                    pte_top1_agreement_vs_int8=vs_int8["top1_agreement"],
                    pte_max_abs_diff_vs_int8=vs_int8["max_abs_diff"],
                    pte_delegated_nodes=summary.delegated_nodes, pte_non_delegated_nodes=summary.non_delegated_nodes,
-                   pte_max_batch=summary.max_batch)
+                   pte_max_batch=summary.max_batch, pte_reused=summary.reused)
         sizes["pte_bytes"] = os.path.getsize(pte_path)
     else:
         pte_logits = None
@@ -510,7 +512,8 @@ def _finish(cfg, d, model, data, rec, layout, out, started, resumed_from, scalin
     metrics["predictions_file"] = str(predictions_file)
     _write_json(os.path.join(out, "metrics.json"), metrics)
     pte_line = (f"; .pte {pte['pte_acc']:.2f} %, top-1 agreement with fake-quant "
-                f"{pte['pte_top1_agreement_vs_fake_quant']:.2f} % ({sizes['pte_bytes']} bytes)"
+                f"{pte['pte_top1_agreement_vs_fake_quant']:.2f} % ({sizes['pte_bytes']} bytes"
+                + ("; kept from an earlier run: the same program)" if pte["pte_reused"] else ")")
                 if pte["pte_file"] else "")
     ptq_line = f", PTQ int8 {ptq_acc:.2f} %" if ptq_acc is not None else ""
     _log(d, f"done: fake-quant {fq_acc:.2f} %, int8 {int8_acc:.2f} %{ptq_line}{pte_line}; "

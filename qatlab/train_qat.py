@@ -88,7 +88,9 @@ Files in ``--out`` (written by rank 0, atomically):
   ``(seed, epoch)``, so step ``k`` is epoch ``k // steps_per_epoch``, batch ``k % steps_per_epoch``.
 - ``model_int8.pt``: the converted int8 model's ``state_dict`` (``model_int8.pt2``, an
   ``ExportedProgram``, with ``--api pt2e``); load either with :func:`load_int8_model`.
-- ``model_int8.pte`` (PT2E, unless ``--no-pte``): the XNNPACK program, for ExecuTorch.
+- ``model_int8.pte`` (PT2E, unless ``--no-pte``): the XNNPACK program, for ExecuTorch. A file
+  an earlier run lowered from the same converted program (its digest in ``model_int8.pte.json``)
+  is kept, not lowered again (``pte_reused`` in ``metrics.json``).
 - ``predictions.pt``: the test labels and each model's predicted class per test image
   (fake-quant, int8, PTQ, and the ``.pte`` when written; :func:`save_predictions`), for paired
   tests between runs; ``metrics.json`` names it (``predictions_file``).

@@ -171,7 +171,9 @@ def test_residual_model_pt2e_end_to_end_to_pte(tmp_path, keep_threads, capsys):
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert metrics["api"] == "pt2e" and metrics["input_shape"] == [3, 16, 16] and metrics["test_images"] == 128
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json", "model_int8.pt2",
-                                                     "model_int8.pte", "predictions.pt"]   # no temporary file left
+                                                     "model_int8.pte", "model_int8.pte.json",
+                                                     "predictions.pt"]   # no temporary file left
+    assert metrics["pte_reused"] is False and "kept from an earlier run" not in printed
     # the recipe's schedule: BN frozen at 3 with the LR drop, observers at 4
     assert metrics["lr_per_step"] == [0.01] * 3 + [0.01 * 0.1] * 3
     assert metrics["qat_recipe"]["freeze_bn_at"] == 3 and metrics["bn_freeze_timing"] == "late"
@@ -204,6 +206,16 @@ def test_residual_model_pt2e_end_to_end_to_pte(tmp_path, keep_threads, capsys):
     assert metrics["pte_delegated_nodes"] > 0
     for key in ("qat_fake_quant_acc", "qat_int8_acc", "ptq_int8_acc", "pte_acc"):
         assert 0 <= metrics[key] <= 100, key
+    # the same run again (training is deterministic): the same converted program, so the .pte is kept
+    pte_bytes = (out / "model_int8.pte").read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = train_qat.main(["--model", MODEL, "--data", DATA, "--init", str(init), "--steps", "6",
+                                "--log-every", "6", "--out", str(out), "--no-ptq", *FAST])
+    assert "kept from an earlier run: the same program" in capsys.readouterr().out
+    assert again["pte_reused"] is True and (out / "model_int8.pte").read_bytes() == pte_bytes
+    for key in ("pte_acc", "pte_top1_agreement_vs_fake_quant", "pte_max_batch", "qat_int8_acc"):
+        assert again[key] == metrics[key], key
 
 
 # --- PT2E: a run stopped mid-way resumes bit for bit --------------------------------------------------
