@@ -222,3 +222,17 @@ def test_eager_qat_training_is_bit_identical_to_torchs_fake_quantizer(monkeypatc
     (fast, fast_state), (ref, ref_state) = runs
     assert all(torch.equal(a, b) for a, b in zip(fast, ref))
     assert all(torch.equal(fast_state[k], ref_state[k]) for k in fast_state)
+
+
+def test_use_torch_kernel_switches_every_fake_quantizer_back_and_nests():
+    from qatlab.fast_fake_quant import use_torch_kernel
+
+    ours, _ = _fake_quantizers()
+    x = torch.randn(2, 3, 4, 4)
+    assert takes_fast_path(ours, x)
+    with use_torch_kernel():
+        assert not takes_fast_path(ours, x)
+        with use_torch_kernel():
+            assert not takes_fast_path(ours, x)
+        assert not takes_fast_path(ours, x)
+    assert takes_fast_path(ours, x)

@@ -35,4 +35,6 @@ def test_nb10_runs_with_seed_1_cheaply(run_notebook):
     assert r["capstone_int8_top1_agreement"] >= 90.0   # a broken conversion lands near chance, 10 %
     # a QAT step does more work than an fp32 step; the slowest round is at least the median
     assert 1.0 < r["capstone_qat_step_over_fp32_step"] <= r["capstone_qat_step_over_fp32_step_max"] < 50
+    assert 1.0 < r["capstone_qat_step_torch_kernel_over_fp32_step"] < 50
+    assert r["capstone_fake_quant_kernel_speedup"] > 0   # a timing: its size is machine-dependent
     assert math.isfinite(r["notebook_seconds"]) and r["notebook_seconds"] > 0
