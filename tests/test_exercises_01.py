@@ -59,7 +59,7 @@ def test_check_quantize_tie_hint_names_the_element():
 
 def qparams_right(x, quant_min, quant_max):
     lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
-    scale = (hi - lo) / (quant_max - quant_min)
+    scale = max((hi - lo) / (quant_max - quant_min), torch.finfo(torch.float32).eps)
     zero_point = quant_min - round(lo / scale)
     return scale, max(quant_min, min(quant_max, zero_point))
 
@@ -113,6 +113,35 @@ def test_clamping_does_not_hide_a_missing_quant_min():
     with pytest.raises(ExerciseError, match=r"mixed signs, signed range .* zero_point is 85 but "
                                             r"should be -43: quant_min is missing.* = -43"):
         check_choose_qparams(forgets_quant_min_then_clamps)
+
+
+def no_eps_floor(x, quant_min, quant_max):
+    # right everywhere except on an all-zero tensor: scale 0, then 0/0 (ZeroDivisionError)
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    scale = (hi - lo) / (quant_max - quant_min)
+    zero_point = quant_min - round(lo / scale)
+    return scale, max(quant_min, min(quant_max, zero_point))
+
+
+def no_eps_floor_tensors(x, quant_min, quant_max):
+    # the same slip in tensors: no exception, scale 0 and a zero-point cast from NaN
+    lo, hi = torch.clamp(x.min(), max=0), torch.clamp(x.max(), min=0)
+    scale = (hi - lo) / (quant_max - quant_min)
+    return scale, (quant_min - torch.round(lo / scale)).to(torch.int32)
+
+
+def tiny_floor(x, quant_min, quant_max):
+    # a floor, but not torch's: only the all-zero case sees it
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    scale = max((hi - lo) / (quant_max - quant_min), 1e-8)
+    return scale, max(quant_min, min(quant_max, quant_min - round(min(x.min().item(), 0.0) / scale)))
+
+
+@pytest.mark.parametrize("wrong", [no_eps_floor, no_eps_floor_tensors, tiny_floor])
+def test_missing_eps_floor_is_caught_on_all_zeros(wrong):
+    with pytest.raises(ExerciseError, match=r"all zeros \(a dead ReLU channel\).*"
+                                            r"floor the scale at eps.*torch\.finfo\(torch\.float32\)\.eps"):
+        check_choose_qparams(wrong)
 
 
 @pytest.mark.parametrize("wrong, hint", [
@@ -183,7 +212,7 @@ def quantize_reciprocal(x, scale, zero_point, quant_min, quant_max):
 
 def qparams_tensors(x, quant_min, quant_max):
     lo, hi = torch.clamp(x.min(), max=0), torch.clamp(x.max(), min=0)
-    scale = (hi - lo) / (quant_max - quant_min)
+    scale = torch.clamp((hi - lo) / (quant_max - quant_min), min=torch.finfo(torch.float32).eps)
     return scale, (quant_min - torch.round(lo / scale)).to(torch.int32)
 
 
@@ -192,7 +221,7 @@ def qparams_numpy(x, quant_min, quant_max):
 
     a = x.numpy().astype(np.float32)
     lo, hi = np.minimum(a.min(), np.float32(0)), np.maximum(a.max(), np.float32(0))
-    scale = (hi - lo) / np.float32(quant_max - quant_min)
+    scale = np.maximum((hi - lo) / np.float32(quant_max - quant_min), np.finfo(np.float32).eps)
     return np.array([scale, quant_min - np.round(lo / scale)])
 
 

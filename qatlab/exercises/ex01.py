@@ -183,6 +183,12 @@ def check_quantize(fn):
 # exercise 2: choose qparams by hand
 # ---------------------------------------------------------------------------
 
+ALL_ZEROS = "all zeros (a dead ReLU channel)"
+_EPS_HINT = ("the range is empty (max = min = 0), so (hi - lo) / (quant_max - quant_min) is 0 and "
+             "min / scale is 0/0: floor the scale at eps as torch does, scale = max((hi - lo) / "
+             "(quant_max - quant_min), torch.finfo(torch.float32).eps)")
+
+
 def _qparams_cases():
     g = torch.Generator().manual_seed(1)
     return [
@@ -196,6 +202,9 @@ def _qparams_cases():
         ("a tie at min / scale = -3.5", torch.tensor([-7.0, 503.0, 1.0]), 0, 255),
         # a 4-bit signed range: quant_max - quant_min = 15 steps
         ("mixed signs, 4-bit signed range", torch.tensor([-0.3, 1.2, 0.7, -0.1, 0.0]), -8, 7),
+        # max = min = 0: (hi - lo) / (quant_max - quant_min) is 0, and lo / scale is 0/0;
+        # torch floors scale at torch.finfo(torch.float32).eps
+        (ALL_ZEROS, torch.zeros(5), 0, 255),
     ]
 
 
@@ -203,14 +212,17 @@ def check_choose_qparams(fn):
     """Check ``fn(x, quant_min, quant_max) -> (scale, zero_point)`` (affine, min/max of ``x``).
 
     Passes when ``scale`` is within 1e-5 (relative) of torch's ``MinMaxObserver``
-    and ``zero_point`` equals it exactly.
+    and ``zero_point`` equals it exactly, also on an all-zero tensor, where torch floors
+    ``scale`` at ``torch.finfo(torch.float32).eps``.
     """
     from torch.ao.quantization import MinMaxObserver
 
     require_callable(fn, "my_choose_qparams")
     for name, x, qmin, qmax in _qparams_cases():
         what = f"your choose_qparams on {name} data (range [{qmin}, {qmax}])"
-        out = call(fn, what, x.clone(), qmin, qmax)
+        empty = name == ALL_ZEROS
+        crash_hint = _EPS_HINT[0].upper() + _EPS_HINT[1:] if empty else None
+        out = call(fn, what, x.clone(), qmin, qmax, on_error=lambda e, hint=crash_hint: hint)
         scale, zp = as_sequence(out, 2, what, names=("scale", "zero_point"))
         scale, zp = as_number(scale, f"{what}: scale"), as_number(zp, f"{what}: zero_point")
         observer = MinMaxObserver(dtype=torch.quint8 if qmin >= 0 else torch.qint8,
@@ -219,9 +231,11 @@ def check_choose_qparams(fn):
         ref_scale, ref_zp = (float(v[0]) for v in observer.calculate_qparams())
         lo, hi = float(x.min()), float(x.max())
         where = f"for {name} data in [{lo:.3f}, {hi:.3f}] and range [{qmin}, {qmax}]"
-        if abs(scale - ref_scale) > 1e-5 * ref_scale:
+        if not abs(scale - ref_scale) <= 1e-5 * ref_scale:  # `not <=` also catches a NaN scale
             ratio = scale / ref_scale
-            if abs(scale - (hi - lo) / (qmax - qmin)) <= 1e-5 * ref_scale:
+            if empty:
+                why = _EPS_HINT
+            elif abs(scale - (hi - lo) / (qmax - qmin)) <= 1e-5 * ref_scale:
                 why = ("the range must include 0 (so that 0 is exactly representable): "
                        "use min(x.min(), 0) and max(x.max(), 0)")
             elif abs(ratio - (qmax - qmin) / (qmax - qmin + 1)) < 1e-4:
@@ -231,6 +245,9 @@ def check_choose_qparams(fn):
                 why = "scale = (max(x.max(), 0) - min(x.min(), 0)) / (quant_max - quant_min)"
             raise ExerciseError(f"{where}: scale is {scale:.6g} but should be {ref_scale:.6g} "
                                 f"({ratio:.4g}x): {why}")
+        if not math.isfinite(zp):
+            raise ExerciseError(f"{where}: zero_point is {zp:g}: " + (
+                _EPS_HINT if empty else "zero_point = quant_min - round(min(x.min(), 0) / scale)"))
         if zp != round(zp):
             raise ExerciseError(f"{where}: zero_point is {zp:.6g}, which is not an integer: "
                                 f"round it, so that the real value 0 maps to an exact integer")
