@@ -43,9 +43,9 @@ def _make_kernel_qparams_fake_quantize():
     """Build :class:`KernelQParamsFakeQuantize` (on first use: it subclasses a torchao class)."""
     from torchao.quantization.pt2e.fake_quantize import FusedMovingAvgObsFakeQuantize
 
-    from .fast_fake_quant import observe_and_fake_quantize, takes_fast_path
+    from .fast_fake_quant import FastForward
 
-    class KernelQParamsFakeQuantize(FusedMovingAvgObsFakeQuantize):
+    class KernelQParamsFakeQuantize(FastForward, FusedMovingAvgObsFakeQuantize):
         """torchao's ``FusedMovingAvgObsFakeQuantize`` whose ``calculate_qparams`` returns the scale and
         zero-point the fused kernel trained with (its buffers), not its inner observer's.
 
@@ -58,18 +58,14 @@ def _make_kernel_qparams_fake_quantize():
         predictions drift from the fake-quant model's (notebook 10 measures it). torchao fixes the same mismatch upstream with a ``use_kernel_params`` flag
         (pytorch/ao#4824, after torchao 0.18).
 
-        Its ``forward`` computes the same numbers as torchao's; on a per-tensor CPU float32 input
-        the fake quantization runs as vectorized tensor ops (:mod:`qatlab.fast_fake_quant`,
+        Its ``forward`` (:class:`qatlab.fast_fake_quant.FastForward`) computes the same numbers as
+        torchao's; on a per-tensor CPU float32 input the fake quantization runs as vectorized tensor
+        ops (:mod:`qatlab.fast_fake_quant`,
         bit for bit torch's kernel, several times faster). Taught in 10_qat_your_own_model.
         """
 
         def calculate_qparams(self):
             return self.scale.detach().clone(), self.zero_point.detach().clone()
-
-        def forward(self, X):
-            if takes_fast_path(self, X):
-                return observe_and_fake_quantize(self, X)
-            return super().forward(X)
 
     KernelQParamsFakeQuantize.__module__ = __name__
     KernelQParamsFakeQuantize.__qualname__ = "KernelQParamsFakeQuantize"

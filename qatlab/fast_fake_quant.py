@@ -180,17 +180,23 @@ def observe_and_fake_quantize(module, x):
     return fake_quantize_per_tensor(x, module.scale, module.zero_point, obs.quant_min, obs.quant_max)
 
 
+class FastForward:
+    """Mixin for a fused observer + fake-quantizer class (torch.ao's or torchao's
+    ``FusedMovingAvgObsFakeQuantize``): a per-tensor CPU float32 input goes through
+    :func:`observe_and_fake_quantize`, anything else through the class's own ``forward``."""
+
+    def forward(self, X):
+        if takes_fast_path(self, X):
+            return observe_and_fake_quantize(self, X)
+        return super().forward(X)
+
+
 def _make_eager_class():
     from torch.ao.quantization.fake_quantize import FusedMovingAvgObsFakeQuantize
 
-    class FastFusedMovingAvgObsFakeQuantize(FusedMovingAvgObsFakeQuantize):
+    class FastFusedMovingAvgObsFakeQuantize(FastForward, FusedMovingAvgObsFakeQuantize):
         """torch.ao's fused observer + fake-quantizer for eager QAT (:func:`qatlab.qat.make_qconfig`),
-        the same numbers; a per-tensor CPU float32 input goes through :func:`observe_and_fake_quantize`."""
-
-        def forward(self, X):
-            if takes_fast_path(self, X):
-                return observe_and_fake_quantize(self, X)
-            return super().forward(X)
+        the same numbers from :class:`FastForward`."""
 
     FastFusedMovingAvgObsFakeQuantize.__module__ = __name__
     return FastFusedMovingAvgObsFakeQuantize
